@@ -1,0 +1,154 @@
+"""Shared fixtures: complete SD 1.5-style model folders with random weights, built by Diffusers/Transformers.
+
+No real SD weights exist here, so every parity test builds the reference networks under a fixed seed, saves
+them in the OFFICIAL layout (the file names, config keys and tensor names of the hub repo, not whatever the
+installed library would write), loads them with our code, and diffs. Two sizes:
+- `tiny_model_dir`: small configs of the same family (seconds to build, used by most tests);
+- `sd15_model_dir`: the true SD 1.5 configs with random weights (the real sizes, head dims and memory).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parent.parent
+SD15_CONFIGS = Path(__file__).resolve().parent / "sd15_configs"  # copies of the official config files
+BPE_FILE = ROOT / "tokenizer" / "bpe_simple_vocab_16e6.txt.gz"
+
+# Small members of the SD 1.5 family: same block types and code paths, other sizes (and head counts, norm
+# groups, widths that differ from SD 1.5, so a config value read wrongly shows up as a mismatch).
+TINY_TEXT_ENCODER = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4)
+TINY_UNET = dict(
+    block_out_channels=[32, 64, 64],
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    attention_head_dim=2,
+    cross_attention_dim=32,
+    norm_num_groups=8,
+    sample_size=16,
+)
+TINY_VAE = dict(
+    block_out_channels=[32, 64],
+    down_block_types=["DownEncoderBlock2D"] * 2,
+    up_block_types=["UpDecoderBlock2D"] * 2,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=32,
+)
+
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "_diffusers_version": "0.6.0",
+    "feature_extractor": [None, None],
+    "safety_checker": [None, None],
+    "requires_safety_checker": False,
+    "scheduler": ["diffusers", "PNDMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def official_config(component: str, **overrides) -> dict:
+    name = "scheduler_config.json" if component == "scheduler" else "config.json"
+    return {**json.loads((SD15_CONFIGS / component / name).read_text()), **overrides}
+
+
+def write_tokenizer_files(folder: Path) -> None:
+    """vocab.json + merges.txt (as in the hub repo) derived from OpenAI's BPE file, plus the official configs.
+
+    CLIP's vocabulary is a function of its merges: 256 byte symbols, the same with `</w>`, one token per merge
+    (the first 49152 - 256 - 2 lines after the header), then the two special tokens.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = gzip.open(BPE_FILE, "rt", encoding="utf-8").read().split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = [tuple(line.split()) for line in lines]
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    symbols = [chr(c) for c in cs]
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(SD15_CONFIGS / "tokenizer" / name, folder / name)
+
+
+def _save(folder: Path, config: dict, config_name: str, weights_name: str, state: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / config_name).write_text(json.dumps(config, indent=2))
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    save_file(state, str(folder / weights_name), metadata={"format": "pt"})
+
+
+def save_text_encoder(folder: Path, model, config: dict) -> None:
+    """Official layout: every key prefixed `text_model.`, plus the int64 `position_ids` buffer (Transformers
+    4.22 wrote both; Transformers 5 writes neither, so its save_pretrained would not look like the hub file)."""
+    state = {"text_model." + k.removeprefix("text_model."): v for k, v in model.state_dict().items()}
+    state["text_model.embeddings.position_ids"] = torch.arange(config["max_position_embeddings"])[None]
+    _save(folder, config, "config.json", "model.safetensors", state)
+
+
+def build_model_folder(folder: Path, text: dict, unet: dict, vae: dict, seed: int = 0) -> Path:
+    """Random-weight Transformers/Diffusers models with the given config overrides, saved like the hub repo."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    def public(cfg: dict) -> dict:
+        return {k: v for k, v in cfg.items() if not k.startswith("_")}
+
+    torch.manual_seed(seed)
+    text_cfg = official_config("text_encoder", **text)
+    model = _randomize_norms(CLIPTextModel(CLIPTextConfig(**text_cfg)))
+    save_text_encoder(folder / "text_encoder", model, text_cfg)
+    unet_cfg = official_config("unet", **unet)
+    model = _randomize_norms(UNet2DConditionModel(**public(unet_cfg)))
+    _save(folder / "unet", unet_cfg, "config.json", "diffusion_pytorch_model.safetensors", model.state_dict())
+    del model
+    vae_cfg = official_config("vae", **vae)
+    model = _randomize_norms(AutoencoderKL(**public(vae_cfg)))
+    _save(folder / "vae", vae_cfg, "config.json", "diffusion_pytorch_model.safetensors", model.state_dict())
+    write_tokenizer_files(folder / "tokenizer")
+    (folder / "scheduler").mkdir(exist_ok=True)
+    shutil.copy(SD15_CONFIGS / "scheduler" / "scheduler_config.json", folder / "scheduler")
+    (folder / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=2))
+    return folder
+
+
+def _randomize_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Diffusers initialises norm layers to weight 1, bias 0, and some output convs to zero; random values
+    make a parity test see a swapped or missing norm affine."""
+    for m in model.modules():
+        if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm)):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_model_folder(tmp_path_factory.mktemp("tiny-sd"), TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE)
+
+
+@pytest.fixture(scope="session")
+def sd15_model_dir(tmp_path_factory) -> Path:
+    """The true SD 1.5 configs with random weights (about 4 GB written to the temporary directory)."""
+    return build_model_folder(tmp_path_factory.mktemp("sd15"), {}, {}, {})
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> str:
+    return f"max abs diff {(a.double() - b.double()).abs().max().item():.3g}"
