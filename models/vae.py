@@ -1,0 +1,224 @@
+"""The SD 1.5 autoencoder: images <-> latents 8x smaller per side (Rombach et al. 2022, arXiv:2112.10752, Sec. 3.1).
+
+A KL-regularised VAE: the encoder maps an image x in [-1, 1] to a diagonal Gaussian over latents (mean and
+log-variance); the decoder maps a latent z back to an image. Generation only needs the decoder; img2img also
+encodes. Both halves are ResNet blocks (the UNet's, without a time embedding) around a middle block with one
+single-head self-attention. Parameter names equal the Diffusers checkpoint keys, so loading is one strict
+`load_state_dict` (see `models.loading.build`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.loading import build, load_safetensors, read_config, weights_file
+from models.unet import ResnetBlock2D
+
+EPS = 1e-6  # every GroupNorm of the VAE (Diffusers' Encoder/Decoder hard-code it; the UNet uses 1e-5)
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    """Field names are the keys of the Diffusers `vae/config.json`; defaults are SD 1.5's."""
+
+    in_channels: int = 3  # RGB
+    out_channels: int = 3
+    latent_channels: int = 4
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)  # one resolution level each, full size first
+    layers_per_block: int = 2  # ResNets per encoder level; the decoder has one more per level
+    norm_num_groups: int = 32
+    # Latents are multiplied by this before diffusion and divided by it before decoding, so they have roughly unit
+    # variance. Source: LDM configs/stable-diffusion/v1-inference.yaml `scale_factor: 0.18215`; the official SD 1.5
+    # vae/config.json has no such key and Diffusers' AutoencoderKL defaults it to the same value.
+    scaling_factor: float = 0.18215
+    sample_size: int = 512  # the image size (pixels) the model was trained at
+
+
+class Attention(nn.Module):
+    """Single-head self-attention over all H*W positions, with a GroupNorm in front and a residual around it."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.group_norm = nn.GroupNorm(groups, channels, eps=EPS)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])  # a list only because the checkpoint says `.0`
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        t = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, HW, C)
+        q, k, v = (proj(t)[:, None] for proj in (self.to_q, self.to_k, self.to_v))  # (B, 1, HW, C): one head, hd = C
+        t = F.scaled_dot_product_attention(q, k, v)[:, 0]  # softmax(q k^T / sqrt(C)) v
+        t = self.to_out[0](t).transpose(1, 2).reshape(b, c, h, w)  # (B, HW, C) -> (B, C, H, W)
+        return x + t
+
+
+class MidBlock(nn.Module):
+    """ResNet -> attention -> ResNet at the lowest resolution, where attention over all positions is affordable."""
+
+    def __init__(self, channels: int, groups: int):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, None, groups, EPS) for _ in range(2)])
+        self.attentions = nn.ModuleList([Attention(channels, groups)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.resnets[0](x)
+        x = self.attentions[0](x)
+        return self.resnets[1](x)
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 conv.
+
+    The original LDM encoder pads only the right and bottom edge by one pixel and convolves without padding (the
+    UNet's down-sampler pads all sides instead); the two differ in value, and in size when H or W is odd.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (left, right, top, bottom)
+
+
+class Upsample(nn.Module):
+    """Double H and W: nearest-neighbour repeat, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, H, W) -> (B, C, 2H, 2W)
+
+
+class DownBlock(nn.Module):
+    """One encoder level: ResNets (the first changes the width), then an optional down-sampler."""
+
+    def __init__(self, c_in: int, c_out: int, layers: int, groups: int, downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock2D(c_in if i == 0 else c_out, c_out, None, groups, EPS) for i in range(layers)]
+        )
+        self.downsamplers = nn.ModuleList([Downsample(c_out)] if downsample else [])
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in [*self.resnets, *self.downsamplers]:
+            x = layer(x)
+        return x
+
+
+class UpBlock(nn.Module):
+    """One decoder level: ResNets (the first changes the width), then an optional up-sampler."""
+
+    def __init__(self, c_in: int, c_out: int, layers: int, groups: int, upsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock2D(c_in if i == 0 else c_out, c_out, None, groups, EPS) for i in range(layers)]
+        )
+        self.upsamplers = nn.ModuleList([Upsample(c_out)] if upsample else [])
+
+    def forward(self, x: Tensor) -> Tensor:
+        for layer in [*self.resnets, *self.upsamplers]:
+            x = layer(x)
+        return x
+
+
+class Encoder(nn.Module):
+    """Image (B, 3, 8H, 8W) -> mean and log-variance stacked on channels (B, 2 * latent_channels, H, W)."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chs, g, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            [DownBlock(chs[max(i - 1, 0)], chs[i], cfg.layers_per_block, g, i < n - 1) for i in range(n)]
+        )
+        self.mid_block = MidBlock(chs[-1], g)
+        self.conv_norm_out = nn.GroupNorm(g, chs[-1], eps=EPS)
+        self.conv_out = nn.Conv2d(chs[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """Latent (B, latent_channels, H, W) -> image (B, 3, 8H, 8W): the encoder mirrored, widest level first."""
+
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chs, g, n = cfg.block_out_channels[::-1], cfg.norm_num_groups, len(cfg.block_out_channels)
+        self.conv_in = nn.Conv2d(cfg.latent_channels, chs[0], 3, padding=1)
+        self.mid_block = MidBlock(chs[0], g)
+        self.up_blocks = nn.ModuleList(
+            [UpBlock(chs[max(i - 1, 0)], chs[i], cfg.layers_per_block + 1, g, i < n - 1) for i in range(n)]
+        )
+        self.conv_norm_out = nn.GroupNorm(g, chs[-1], eps=EPS)
+        self.conv_out = nn.Conv2d(chs[-1], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z: Tensor) -> Tensor:
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(F.silu(self.conv_norm_out(x)))
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, config: VAEConfig):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        # 1x1 convs between the (de)coder and the latent space: leftovers of LDM's quantised variants, kept as is.
+        self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
+
+    @property
+    def scale_factor(self) -> int:
+        """Pixels per latent along each side (8 for SD 1.5): one halving per level but the last.
+
+        Not to be confused with `config.scaling_factor`, which scales latent VALUES.
+        """
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Image in [-1, 1] (B, 3, 8H, 8W) -> (mean, logvar) of the latent posterior, each (B, 4, H, W).
+
+        Unscaled: multiply a latent by `config.scaling_factor` before diffusion. The mode is the mean.
+        """
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        # Bound the log-variance as LDM's DiagonalGaussianDistribution (and Diffusers') does, so exp() stays finite.
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Latent (B, 4, H, W), already divided by `config.scaling_factor` -> image (B, 3, 8H, 8W), about [-1, 1]."""
+        return self.decoder(self.post_quant_conv(z))
+
+
+def sample_latent(mean: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """z = mean + std * eps, eps ~ N(0, I): a draw from the encoder's posterior (the reparameterisation trick).
+
+    eps is drawn exactly as Diffusers' `latent_dist.sample(generator)` draws it (shape and dtype of the mean, on the
+    generator's device, then moved), so the same seeded generator gives the same z.
+    """
+    device = generator.device if generator is not None else mean.device
+    eps = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype).to(mean.device)
+    return mean + torch.exp(0.5 * logvar) * eps
+
+
+def load_vae(folder: Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> AutoencoderKL:
+    """The VAE of a Diffusers-layout model folder (`vae/config.json` + safetensors), built without a random init."""
+    config = read_config(VAEConfig, folder / "vae" / "config.json")
+    path = weights_file(folder, "vae", half=dtype in (torch.float16, torch.bfloat16))
+    return build(AutoencoderKL, config, load_safetensors(path), str(path), dtype=dtype, device=device)
