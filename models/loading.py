@@ -33,20 +33,23 @@ class WeightsError(Exception):
 C = TypeVar("C")
 
 
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"missing config file {path}: the model folder is incomplete") from None
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"cannot parse {path}: {e}") from None
+
+
 def read_config(cls: type[C], path: Path) -> C:
     """Fill the frozen config dataclass `cls` from a Diffusers/Transformers `config.json`.
 
     Keys the dataclass does not have are ignored (the files carry many we never vary); missing keys keep
     the dataclass defaults, which are the SD 1.5 values. JSON lists become tuples so configs stay hashable.
     """
-    if not path.is_file():
-        raise WeightsError(f"missing config file {path}: the model folder is incomplete")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise WeightsError(f"cannot parse {path}: {e}") from None
     names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in names})
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in read_json(path).items() if k in names})
 
 
 # ----------------------------------------------------------------------------- tensors
