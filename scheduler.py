@@ -1,0 +1,372 @@
+"""Noise schedules and samplers for Stable Diffusion 1.5: pure functions over tensors computed once.
+
+The UNet predicts the noise eps in x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps. make_schedule() picks the
+timesteps and noise levels before the loop; step() turns one UNet prediction into one step of a sampler.
+Both match Diffusers 0.42 (`<Scheduler>.from_config(sd15_scheduler_config)`) number for number, which
+tests/test_scheduler.py checks, including where Diffusers departs from the papers (noted "Diffusers:").
+
+Notation (code name -> symbol -> source). Papers: Ho et al. 2020 (DDPM) arXiv:2006.11239; Song et al. 2020
+(DDIM) arXiv:2010.02502; Karras et al. 2022 (EDM) arXiv:2206.00364; Lu et al. 2022 (DPM-Solver++)
+arXiv:2211.01095; Lin et al. 2023 arXiv:2305.08891.
+  t, T             t, T        training timestep fed to the UNet (fractional for Karras sigmas), T = 1000
+  alphas_cumprod   ᾱ_t         DDPM Eq. 4: ᾱ_t = prod_{s<=t} (1 - β_s); DDIM writes it α_t
+  alpha_bar(_prev) ᾱ_t, ᾱ_t-1  ᾱ at a DDIM/DDPM step's timestep and at the one it lands on
+  alpha_t, beta_t  α_t, β_t    DDPM's per-step ᾱ_t / ᾱ_t-1 and 1 - α_t (of the strided chain)
+  sigma            σ           EDM Table 1 (iDDPM+DDIM column): σ = sqrt((1 - ᾱ) / ᾱ). Euler-type samplers move
+                               x = x_t / sqrt(ᾱ_t) = x_0 + σ ε, the other samplers move x_t itself
+  denoise()        D(x; σ)     EDM Eq. 7 + Table 1: c_skip x + c_out F = x - σ ε (c_skip = 1, c_out = -σ)
+  denoised, D      x_θ, D_i    DPM-Solver++: the data prediction and its multistep combination
+  c_in             c_in        EDM Table 1: 1 / sqrt(σ² + 1), the scale of the UNet input (scale_model_input)
+  d, d_prime       d_i, d'_i   EDM Alg. 1 lines 4, 7 with σ(t) = t, s(t) = 1: the slope (x - D(x; σ)) / σ
+  alpha_s, sigma_s α_t, σ_t    DPM-Solver++: x_t = α_t x_0 + σ_t ε, so α_t = 1 / sqrt(σ² + 1), σ_t = σ α_t
+  lam, h, r        λ_t, h_i, r_i  DPM-Solver++ Alg. 2: λ = log(α_t / σ_t), h_i = λ_ti - λ_ti-1, r_i = h_i-1 / h_i
+  eta, sigma_eta   η, σ_t(η)   DDIM Eq. 16
+  sigma_up/down    σ_up, σ_down  the noise added / the level the deterministic part lands on (ancestral)
+"""
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SAMPLERS = ("euler", "euler_a", "heun", "dpmpp_2m", "ddim", "ddpm")
+SIGMA_SAMPLERS = ("euler", "euler_a", "heun")  # move x = x_0 + σ ε; float32 timesteps, as in Diffusers
+KARRAS_SAMPLERS = ("euler", "heun", "dpmpp_2m")  # the ones Diffusers 0.42 offers use_karras_sigmas for
+# The SD 1.5 scheduler file was written for PNDM and names no timestep_spacing, so every Diffusers class keeps
+# its own default (verified in 0.42; older versions carried PNDM's "leading" over to all of them).
+DEFAULT_SPACING = {"euler": "linspace", "euler_a": "linspace", "heun": "linspace", "dpmpp_2m": "linspace"}
+DEFAULT_SPACING |= {"ddim": "leading", "ddpm": "leading"}
+# The official stable-diffusion-v1-5 scheduler/scheduler_config.json, for checkpoints that come without one
+SD15_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1,
+                         "beta_schedule": "scaled_linear", "set_alpha_to_one": False, "clip_sample": False}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- the noise schedule
+
+
+def alphas_cumprod_from(config: dict) -> Tensor:
+    """ᾱ_t for t = 0..T-1 from a scheduler_config.json dict (float32, as Diffusers computes it)."""
+    T, b0, b1 = config["num_train_timesteps"], config["beta_start"], config["beta_end"]
+    if config["beta_schedule"] == "scaled_linear":  # LDM's "linear": linear in sqrt(β) (code only, no equation)
+        betas = torch.linspace(b0**0.5, b1**0.5, T, dtype=torch.float32) ** 2
+    elif config["beta_schedule"] == "linear":  # DDPM Sec. 4
+        betas = torch.linspace(b0, b1, T, dtype=torch.float32)
+    else:
+        raise ValueError(f"beta_schedule {config['beta_schedule']!r} is not supported")
+    return torch.cumprod(1.0 - betas, dim=0)  # DDPM Eq. 4
+
+
+def sigma_at(t: Tensor, train_sigmas: Tensor) -> Tensor:
+    """σ at (fractional) timesteps t, linear in σ between neighbouring training timesteps (float64; t is
+    clamped to [0, T-1] like numpy.interp, which Diffusers uses)."""
+    s, t = train_sigmas.double(), t.double().clamp(0, len(train_sigmas) - 1)
+    lo = t.floor().clamp(max=len(s) - 2).long()
+    return (s[lo + 1] - s[lo]) * (t - lo) + s[lo]
+
+
+def sigma_to_t(sigma: Tensor, train_sigmas: Tensor) -> Tensor:
+    """The inverse: fractional timestep of each σ, linear in log σ between neighbouring timesteps (float64).
+    Diffusers converts Karras sigmas to UNet timesteps this way."""
+    log_sigmas, log_sigma = train_sigmas.log().double(), sigma.double().clamp(min=1e-10).log()
+    lo = (torch.searchsorted(log_sigmas, log_sigma, right=True) - 1).clamp(0, len(log_sigmas) - 2)
+    w = ((log_sigmas[lo] - log_sigma) / (log_sigmas[lo] - log_sigmas[lo + 1])).clamp(0, 1)
+    return (1 - w) * lo + w * (lo + 1)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> Tensor:
+    """EDM Eq. 5: σ_i = (σ_max^(1/ρ) + i/(N-1) (σ_min^(1/ρ) - σ_max^(1/ρ)))^ρ for i < N (float64)."""
+    ramp = linspace(0.0, 1.0, n)
+    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
+# ----------------------------------------------------------------------------- choosing the timesteps
+
+
+def linspace(start: float, stop: float, n: int) -> Tensor:
+    """n evenly spaced values, computed as numpy does (i * step, exact end point) so that ties at .5 round
+    as in Diffusers, which builds its grids with numpy (torch.linspace differs in the last bit)."""
+    x = torch.arange(n, dtype=torch.float64) * ((stop - start) / (n - 1) if n > 1 else 0.0) + start
+    if n > 1:
+        x[-1] = stop
+    return x
+
+
+def sd15_leading_timesteps(n: int, T: int = 1000, steps_offset: int = 1) -> Tensor:
+    """The SD 1.5 timestep rule ("leading" spacing with steps_offset = 1), from LDM's DDIM sampler.
+
+    Every (T // n)-th training step counted up from 0, shifted by steps_offset: 50 steps give
+    [981, 961, ..., 21, 1]. The first UNet call is at t = 981, not 999, and the last at t = 1 (LDM: "add one
+    to get the final alpha values right"). See ddim_alpha_bar_prev for where the last DDIM step lands."""
+    return torch.arange(n - 1, -1, -1, dtype=torch.float64) * (T // n) + steps_offset
+
+
+def ddim_alpha_bar_prev(timesteps: Tensor, n: int, alphas_cumprod: Tensor, set_alpha_to_one: bool) -> Tensor:
+    """The ᾱ each DDIM step lands on, the second half of the SD 1.5 rule. Diffusers steps back by T // n from t
+    whatever the spacing (so under linspace/trailing a step does not land on the next call's t). Below t = 0
+    it lands on 1 if set_alpha_to_one, but SD 1.5 sets it False, as LDM's sampler did: the last step lands on
+    ᾱ_0, and the final latent keeps noise σ = sqrt((1 - ᾱ_0) / ᾱ_0) ≈ 0.029."""
+    prev = timesteps - len(alphas_cumprod) // n
+    final = alphas_cumprod.new_tensor(1.0) if set_alpha_to_one else alphas_cumprod[0]
+    return torch.where(prev >= 0, alphas_cumprod[prev.clamp(min=0)], final)
+
+
+def spaced_timesteps(n: int, spacing: str, T: int, steps_offset: int) -> Tensor:
+    """n descending training timesteps, float64, unrounded for linspace (Lin et al. 2023, Table 2)."""
+    if spacing == "linspace":  # T-1 ... 0, both ends included
+        return linspace(0.0, T - 1.0, n).flip(0)
+    if spacing == "leading":
+        return sd15_leading_timesteps(n, T, steps_offset)
+    if spacing == "trailing":  # T ... T/n, minus 1; T + i * delta is how Diffusers' np.arange(T, 0, -T / n) computes
+        return (T + torch.arange(n, dtype=torch.float64) * ((T - T / n) - T)).round() - 1
+    raise ValueError(f"spacing must be 'leading', 'linspace' or 'trailing', not {spacing!r}")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Everything a sampler needs, precomputed. N = number of UNet calls. Tensors live on the CPU: step() reads
+    them as scalars, which costs no GPU sync (move `timesteps` to the device once if the UNet wants it there)."""
+
+    sampler: str
+    timesteps: Tensor  # (N,) t fed to the UNet at each call, in order (Heun repeats); float32 or int64 as Diffusers
+    sigmas: Tensor  # (N+1,) float32 σ at each call, then where the last call lands (Diffusers' scheduler.sigmas)
+    init_noise_sigma: float  # txt2img starts from randn * init_noise_sigma
+    alpha_bar: Tensor | None = None  # (N,) ᾱ at each call's t (DDIM, DDPM)
+    alpha_bar_prev: Tensor | None = None  # (N,) ᾱ each step lands on (DDIM, DDPM)
+
+
+def make_schedule(sampler: str, steps: int, config: dict, karras: bool = False, spacing: str | None = None,
+                  strength: float = 1.0) -> Schedule:  # fmt: skip
+    """The schedule `<Scheduler>.from_config(config)` + `set_timesteps(steps)` gives in Diffusers 0.42, cut to
+    the last min(int(steps * strength), steps) steps for img2img as StableDiffusionImg2ImgPipeline does."""
+    if sampler not in SAMPLERS or (karras and sampler not in KARRAS_SAMPLERS):
+        raise ValueError(f"no sampler {sampler!r}{' with Karras sigmas' if karras else ''}")
+    if config.get("prediction_type", "epsilon") != "epsilon" or config.get("clip_sample"):
+        raise ValueError("only epsilon prediction without clipping (SD 1.5) is supported")
+    T, offset = config["num_train_timesteps"], config.get("steps_offset", 0)
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, {T}]")
+    spacing = spacing or config.get("timestep_spacing") or DEFAULT_SPACING[sampler]
+    alphas_cumprod = alphas_cumprod_from(config)
+    train_sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5  # σ_t for t = 0..T-1 (EDM Table 1)
+    alpha_bar = alpha_bar_prev = None
+    init_noise_sigma = torch.tensor(1.0)
+
+    if sampler in SIGMA_SAMPLERS:
+        timesteps = spaced_timesteps(steps, spacing, T, offset).float()
+        sigmas = sigma_at(timesteps, train_sigmas)
+        if karras:  # Diffusers: between the σ of the first and last spaced timestep, not σ_max and σ_min
+            sigmas = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), steps)
+            timesteps = sigma_to_t(sigmas, train_sigmas).float()
+        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).float()  # σ_N = 0 (EDM Eq. 5)
+        init_noise_sigma = sigmas.max()
+        if spacing == "leading":  # Diffusers: sqrt(σ_max² + 1) under "leading", σ_max otherwise
+            init_noise_sigma = (init_noise_sigma**2 + 1) ** 0.5
+        if sampler == "heun":  # 2 UNet calls per step, σ_N excepted: [σ0, σ1, σ1, σ2, σ2, ..., 0]
+            sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
+            timesteps = torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)])
+    elif sampler == "dpmpp_2m":
+        if karras:  # between the σ of t = T-1 and t = 0, timesteps rounded
+            sigmas = karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), steps)
+            timesteps = sigma_to_t(sigmas, train_sigmas).round().long()
+        else:  # DPM-Solver's grid has steps+1 points ending at t=0; the last step goes to σ=0 instead
+            n = steps if spacing == "trailing" else steps + 1
+            timesteps = spaced_timesteps(n, spacing, T, offset)[:steps].round().long()
+            sigmas = sigma_at(timesteps, train_sigmas)
+        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+    else:  # ddim, ddpm
+        timesteps = spaced_timesteps(steps, spacing, T, offset).round().long()
+        alpha_bar = alphas_cumprod[timesteps]
+        if sampler == "ddim":
+            alpha_bar_prev = ddim_alpha_bar_prev(timesteps, steps, alphas_cumprod, config.get("set_alpha_to_one", True))
+        else:  # DDPM lands on the next call's t, and on ᾱ = 1 after the last (set_alpha_to_one is ignored)
+            alpha_bar_prev = torch.cat([alphas_cumprod[timesteps[1:]], alphas_cumprod.new_ones(1)])
+        ab = torch.cat([alpha_bar, alpha_bar_prev[-1:]])
+        sigmas = ((1 - ab) / ab) ** 0.5
+
+    # img2img skips the first steps: t_start UNet calls, 2 per step for Heun (Diffusers' scheduler.order)
+    t_start = (steps - min(int(steps * strength), steps)) * (2 if sampler == "heun" else 1)
+    if t_start >= len(timesteps):
+        raise ValueError(f"strength {strength} leaves no step out of {steps}")
+    cut = slice(t_start, None)
+    ab, ab_prev = (alpha_bar[cut], alpha_bar_prev[cut]) if alpha_bar is not None else (None, None)
+    return Schedule(sampler, timesteps[cut], sigmas[cut], float(init_noise_sigma), ab, ab_prev)
+
+
+def add_noise(schedule: Schedule, x0: Tensor, noise: Tensor) -> Tensor:
+    """Sample the forward process q(x | x_0) at the first call's noise level (img2img), in the variable the
+    sampler moves. With a strength < 1 schedule this is Diffusers' add_noise at timesteps[t_start]."""
+    if schedule.sampler in SIGMA_SAMPLERS:  # x = x_0 + σ ε (EDM Sec. 2, p(x; σ))
+        return x0 + noise * schedule.sigmas[0].to(x0.dtype)
+    if schedule.sampler == "dpmpp_2m":  # x_t = α_t x_0 + σ_t ε
+        alpha_s, sigma_s = vp_coefficients(schedule.sigmas[0].to(x0.dtype))
+        return alpha_s * x0 + sigma_s * noise
+    abar = schedule.alpha_bar[0].to(x0.dtype)  # DDPM Eq. 4
+    return abar**0.5 * x0 + (1 - abar) ** 0.5 * noise
+
+
+# ----------------------------------------------------------------------------- one UNet call
+
+
+def scale_model_input(schedule: Schedule, i: int, x: Tensor) -> Tensor:
+    """The UNet was trained on x_t = sqrt(ᾱ) x_0 + sqrt(1-ᾱ) ε. Euler-type samples are x_t / sqrt(ᾱ), so they
+    are scaled by c_in = 1 / sqrt(σ² + 1) = sqrt(ᾱ) (EDM Table 1); DPM++, DDIM and DDPM already move x_t."""
+    if schedule.sampler in SIGMA_SAMPLERS:
+        return x / (schedule.sigmas[i] ** 2 + 1) ** 0.5
+    return x
+
+
+def vp_coefficients(sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """α_t, σ_t of x_t = α_t x_0 + σ_t ε from the σ of x_t / α_t = x_0 + σ ε (DPM-Solver++ notation)."""
+    alpha_s = 1 / (sigma**2 + 1) ** 0.5
+    return alpha_s, sigma * alpha_s
+
+
+@dataclass(frozen=True)
+class SamplerState:
+    """What a sampler carries from one UNet call to the next."""
+
+    x: Tensor | None = None  # Heun: x_i, where the step started (the corrector restarts from it)
+    d: Tensor | None = None  # Heun: d_i, the slope the predictor used
+    denoised: Tensor | None = None  # DPM++ 2M: x_θ of the previous call
+
+
+# ----------------------------------------------------------------------------- the samplers, one step each
+
+
+def denoise(x: Tensor, eps: Tensor, sigma: Tensor) -> Tensor:
+    """The ε-UNet as a denoiser, EDM Eq. 7 + Table 1: D(x; σ) = c_skip x + c_out ε with c_skip = 1, c_out = -σ
+    (and the UNet fed c_in x, see scale_model_input)."""
+    return x - sigma * eps
+
+
+def euler_step(x: Tensor, eps: Tensor, sigma: Tensor, sigma_next: Tensor) -> Tensor:
+    """Euler's method on the probability-flow ODE dx/dσ = (x - D(x; σ)) / σ: EDM Alg. 1 without lines 6-8."""
+    d = (x - denoise(x, eps, sigma)) / sigma  # line 4
+    return x + d * (sigma_next - sigma)  # line 5
+
+
+def euler_ancestral_step(x: Tensor, eps: Tensor, sigma: Tensor, sigma_next: Tensor, noise: Tensor) -> Tensor:
+    """DDIM Eq. 12 with η = 1 (Eq. 16) in the variable x_0 + σ ε: an Euler step down to σ_down, then fresh noise
+    σ_up ε. σ_up² is DDPM's posterior variance (Eq. 7) in this variable, and σ_down² + σ_up² = σ_next²."""
+    sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+    sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+    d = (x - denoise(x, eps, sigma)) / sigma
+    return x + d * (sigma_down - sigma) + noise * sigma_up
+
+
+def heun_predictor(x: Tensor, eps: Tensor, sigma: Tensor, sigma_next: Tensor) -> tuple[Tensor, SamplerState]:
+    """EDM Alg. 1 lines 4-5 (Heun's method, first UNet call of a step): the Euler prediction of x_i+1."""
+    d = (x - denoise(x, eps, sigma)) / sigma  # d_i
+    return x + d * (sigma_next - sigma), SamplerState(x=x, d=d)
+
+
+def heun_corrector(x: Tensor, eps: Tensor, sigma: Tensor, sigma_next: Tensor, state: SamplerState) -> Tensor:
+    """EDM Alg. 1 lines 6-8 (second UNet call, at the prediction x = x_i+1, σ_i+1): the trapezoidal step."""
+    d_prime = (x - denoise(x, eps, sigma_next)) / sigma_next  # d'_i
+    return state.x + (state.d + d_prime) / 2 * (sigma_next - sigma)
+
+
+def dpmpp_2m_step(x: Tensor, eps: Tensor, sigma: Tensor, sigma_next: Tensor, sigma_prev: Tensor | None = None,
+                  denoised_prev: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """DPM-Solver++(2M), Lu et al. 2022 Alg. 2, on x_t = α_t x_0 + σ_t ε. Without the previous call's x_θ it is
+    the first-order update (= DDIM η = 0); with it, x_θ is extrapolated linearly in λ to the step's midpoint.
+    Returns the new x and this call's x_θ."""
+    alpha_s, sigma_s = vp_coefficients(sigma)
+    alpha_t, sigma_t = vp_coefficients(sigma_next)
+    lam_s, lam_t = alpha_s.log() - sigma_s.log(), alpha_t.log() - sigma_t.log()  # λ = log(α / σ)
+    h = lam_t - lam_s  # λ_t = +∞ at σ_next = 0: e^-h = 0 and the step returns D exactly
+    denoised = (x - sigma_s * eps) / alpha_s  # x_θ(x_t, t), the data prediction
+    D = denoised
+    if denoised_prev is not None:
+        alpha_p, sigma_p = vp_coefficients(sigma_prev)
+        r = (lam_s - (alpha_p.log() - sigma_p.log())) / h  # r_i = h_i-1 / h_i
+        D = (1 + 1 / (2 * r)) * denoised - 1 / (2 * r) * denoised_prev
+    return (sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * D, denoised
+
+
+def ddim_step(x: Tensor, eps: Tensor, abar: Tensor, abar_prev: Tensor, eta: float, noise: Tensor | None) -> Tensor:
+    """Song et al. 2020 Eq. 12, with σ_t(η) from Eq. 16 (η = 0: deterministic)."""
+    x0 = (x - (1 - abar) ** 0.5 * eps) / abar**0.5  # "predicted x_0"
+    sigma_eta = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)) ** 0.5
+    x = abar_prev**0.5 * x0 + (1 - abar_prev - sigma_eta**2) ** 0.5 * eps  # + "direction pointing to x_t"
+    return x if noise is None else x + sigma_eta * noise  # + "random noise"
+
+
+def ddpm_step(x: Tensor, eps: Tensor, abar: Tensor, abar_prev: Tensor, noise: Tensor | None) -> Tensor:
+    """Ancestral sampling from the posterior q(x_t-1 | x_t, x_0) of Ho et al. 2020 Eq. 6-7, x_0 from Eq. 15, on
+    the strided chain β_t = 1 - ᾱ_t / ᾱ_t-1 (Nichol & Dhariwal 2021, arXiv:2102.09672 Sec. 4)."""
+    alpha_t = abar / abar_prev
+    beta_t = 1 - alpha_t
+    x0 = (x - (1 - abar) ** 0.5 * eps) / abar**0.5  # Eq. 15
+    x = (abar_prev**0.5 * beta_t / (1 - abar)) * x0 + (alpha_t**0.5 * (1 - abar_prev) / (1 - abar)) * x  # μ̃_t
+    if noise is None:  # no noise at t = 0
+        return x
+    # σ_t² = β̃_t (Diffusers' default variance_type "fixed_small"), floored at 1e-20 like Diffusers
+    return x + ((1 - abar_prev) / (1 - abar) * beta_t).clamp(min=1e-20) ** 0.5 * noise
+
+
+def draw_noise(like: Tensor, generator: torch.Generator | None) -> Tensor:
+    """Fresh ε ~ N(0, I) drawn as Diffusers' randn_tensor draws it (shape, dtype of the model output), on the
+    generator's device and then moved, so a CPU generator gives the same numbers on any device."""
+    device = generator.device if generator is not None else like.device
+    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=device).to(like.device)
+
+
+def step(schedule: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None = None,
+         generator: torch.Generator | None = None, eta: float = 0.0) -> tuple[Tensor, SamplerState | None]:  # fmt: skip
+    """Advance x by UNet call i given its (guided) noise prediction eps; returns the new x (in x's dtype,
+    computed in at least float32) and the state for call i + 1. eta is DDIM's η (0: deterministic). Stochastic
+    samplers draw one ε per call from `generator`, where Diffusers does: every call for euler_a and for DDIM
+    with η > 0, calls with t > 0 for DDPM."""
+    s, dtype = schedule, x.dtype
+    noise = None
+    if s.sampler == "euler_a" or (s.sampler == "ddim" and eta > 0) or (s.sampler == "ddpm" and s.timesteps[i] > 0):
+        noise = draw_noise(eps, generator)
+    compute = torch.promote_types(dtype, torch.float32)
+    x, eps, sigma, sigma_next = x.to(compute), eps.to(compute), s.sigmas[i], s.sigmas[i + 1]
+    if s.sampler == "euler":
+        x, state = euler_step(x, eps, sigma, sigma_next), None
+    elif s.sampler == "euler_a":
+        x, state = euler_ancestral_step(x, eps, sigma, sigma_next, noise), None
+    elif s.sampler == "heun":  # even calls predict x_i+1, odd calls correct it (the last call, to σ = 0, stays Euler)
+        if i % 2 == 0:
+            x, state = heun_predictor(x, eps, sigma, sigma_next)
+        else:
+            x, state = heun_corrector(x, eps, s.sigmas[i - 1], sigma, state), None
+    elif s.sampler == "dpmpp_2m":
+        # First order on the first call (no history) and on the last, where λ = +∞ (Diffusers' lower_order_final
+        # with final_sigmas_type="zero"); second order in between.
+        if i == 0 or i == len(s.timesteps) - 1:
+            x, denoised = dpmpp_2m_step(x, eps, sigma, sigma_next)
+        else:
+            x, denoised = dpmpp_2m_step(x, eps, sigma, sigma_next, s.sigmas[i - 1], state.denoised)
+        state = SamplerState(denoised=denoised)
+    elif s.sampler == "ddim":
+        x, state = ddim_step(x, eps, s.alpha_bar[i], s.alpha_bar_prev[i], eta, noise), None
+    else:
+        x, state = ddpm_step(x, eps, s.alpha_bar[i], s.alpha_bar_prev[i], noise), None
+    return x.to(dtype), state
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Print a sampler's schedule as Diffusers 0.42 would run it.")
+    p.add_argument("--print-schedule", choices=SAMPLERS, required=True, metavar="SAMPLER", help=", ".join(SAMPLERS))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--karras", action="store_true", help="Karras et al. 2022 sigmas (euler, heun, dpmpp_2m)")
+    p.add_argument("--spacing", choices=("leading", "linspace", "trailing"), help="default: the sampler's own")
+    p.add_argument("--strength", type=float, default=1.0, help="img2img strength: run only the last steps")
+    p.add_argument("--config", type=Path, help="a scheduler_config.json (default: SD 1.5's)")
+    a = p.parse_args()
+    config = json.loads(a.config.read_text()) if a.config else SD15_SCHEDULER_CONFIG
+    s = make_schedule(a.print_schedule, a.steps, config, a.karras, a.spacing, a.strength)
+    print(f"timesteps: {[round(v, 4) for v in s.timesteps.tolist()]}")
+    print(f"sigmas:    {[round(v, 4) for v in s.sigmas.tolist()]}")
+    print(f"init_noise_sigma: {s.init_noise_sigma:.6f}")
+    print(f"UNet calls: {len(s.timesteps)}")
+
+
+if __name__ == "__main__":
+    main()
