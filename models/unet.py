@@ -1,12 +1,51 @@
 """The SD 1.5 denoiser: a UNet that predicts the noise eps in a latent (Rombach et al. 2022, arXiv:2112.10752).
 
+The network, top to bottom: a sinusoidal embedding of the timestep and its MLP; `conv_in`; four down levels, each
+two ResNet blocks (in the upper three each followed by a spatial transformer that cross-attends to the text) and,
+but for the lowest, a stride-2 conv; a mid block; four up levels that concatenate the matching down-path activation
+(the "skip") before each of their three ResNet blocks, then upsample; `conv_out`. The blocks follow the LDM code
+(Rombach et al.) that Diffusers' `UNet2DConditionModel` re-implements.
+
 Parameter names equal the Diffusers checkpoint keys, so loading is one strict `load_state_dict`.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.loading import build, load_safetensors, read_config, weights_file
+
+TRANSFORMER_NORM_EPS = 1e-6  # GroupNorm before each spatial transformer (LDM's Normalize(); hard-coded in Diffusers)
+MAX_PERIOD = 10_000  # sinusoidal embedding: wavelengths from 2*pi to 2*pi*10000 (Vaswani et al. 2017, sec. 3.5)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """SD 1.5's `unet/config.json`; field names are its keys."""
+
+    in_channels: int = 4
+    out_channels: int = 4
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    attention_head_dim: int = 8  # a legacy misnomer: SD 1.5 uses it as the number of HEADS (head dims 40/80/160)
+    cross_attention_dim: int = 768  # width D of the text encoder's states
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    flip_sin_to_cos: bool = True  # the timestep embedding is [cos, sin], not [sin, cos]
+    freq_shift: int = 0
+    downsample_padding: int = 1
+    sample_size: int = 64  # the latent size it was trained at (512 px / 8); any size works
+
+
+# ----------------------------------------------------------------------------- building blocks
 
 
 class ResnetBlock2D(nn.Module):
@@ -32,3 +71,239 @@ class ResnetBlock2D(nn.Module):
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
+
+
+class Attention(nn.Module):
+    """Multi-head attention of `x` over `context` (or itself): self-attention `attn1`, cross-attention `attn2`."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None):
+        super().__init__()
+        self.heads = heads
+        context_dim = context_dim or dim
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim, dim, bias=False)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # Diffusers' to_out.1 is a dropout: nothing to load
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        context = x if context is None else context
+        b, n, d = x.shape
+        # (B, L, D) -> (B, nh, L, hd): each head attends over its own hd = D / nh slice of the features
+        q, k, v = (
+            t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+            for t in (self.to_q(x), self.to_k(context), self.to_v(context))
+        )
+        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(hd)) v
+        return self.to_out[0](x.transpose(1, 2).reshape(b, n, d))  # (B, nh, L, hd) -> (B, L, D)
+
+
+class GEGLU(nn.Module):
+    """Half of the projection, through GELU, gates the other half (Shazeer 2020, arXiv:2002.05202, eq. 6)."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        # Index 1 is Diffusers' dropout (no weights); keeping the slot keeps the checkpoint key `ff.net.2`.
+        self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Identity(), nn.Linear(mult * dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer layer: self-attention, cross-attention to the text, feed-forward, each residual."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, heads, context_dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """A transformer over the H*W positions of a feature map (LDM's SpatialTransformer, Diffusers'
+    Transformer2DModel): GroupNorm, 1x1 conv in, one TransformerBlock, 1x1 conv out, residual."""
+
+    def __init__(self, channels: int, heads: int, context_dim: int, groups: int):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels, eps=TRANSFORMER_NORM_EPS)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList([TransformerBlock(channels, heads, context_dim)])
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        b, c, h, w = x.shape
+        h_ = self.proj_in(self.norm(x))
+        h_ = h_.permute(0, 2, 3, 1).reshape(b, h * w, c)  # (B, C, H, W) -> (B, HW, C)
+        for block in self.transformer_blocks:
+            h_ = block(h_, context)
+        h_ = h_.reshape(b, h, w, c).permute(0, 3, 1, 2)  # (B, HW, C) -> (B, C, H, W)
+        return x + self.proj_out(h_)
+
+
+class Downsample(nn.Module):
+    """Halve H and W with a stride-2 3x3 conv (odd sizes round up: 9 -> 5)."""
+
+    def __init__(self, channels: int, padding: int):
+        super().__init__()
+        self.padding = padding
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=padding)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.padding == 0:  # configs with padding 0 pad only right and bottom (as LDM's Downsample)
+            x = F.pad(x, (0, 1, 0, 1))
+        return self.conv(x)  # (B, C, H, W) -> (B, C, ceil(H/2), ceil(W/2))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour upsampling to `size`, then a 3x3 conv."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, size: torch.Size) -> Tensor:
+        # `size` is the next skip's H, W: twice x's when the latent size is a multiple of 8 (2^downsamplers), else
+        # the size the down path rounded up from (9 -> 5 -> 3 -> 2 comes back 2 -> 3 -> 5 -> 9). Diffusers passes this
+        # `upsample_size` only for such latents and scale_factor=2 otherwise: the same thing.
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))  # (B, C, H, W) -> (B, C, ~2H, ~2W)
+
+
+def _with_attention(block_type: str) -> bool:
+    """SD 1.5 has two kinds of block per direction: ResNets each followed by a SpatialTransformer, or ResNets only."""
+    if block_type not in ("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"):
+        raise ValueError(f"unsupported UNet block type {block_type!r}: SD 1.5 uses (CrossAttn)DownBlock2D/UpBlock2D")
+    return block_type.startswith("CrossAttn")
+
+
+class Level(nn.Module):
+    """The modules of one resolution level (Diffusers' down_blocks.N, mid_block, up_blocks.N): ResNet j takes
+    `resnet_in[j]` channels, the first `transformers` of them are each followed by a SpatialTransformer. The UNet
+    adds the resampler (`downsamplers.0` / `upsamplers.0`) and runs the modules itself, to keep the skips in view."""
+
+    def __init__(self, cfg: UNetConfig, resnet_in: list[int], out: int, transformers: int):
+        super().__init__()
+        temb, groups, eps = 4 * cfg.block_out_channels[0], cfg.norm_num_groups, cfg.norm_eps
+        self.resnets = nn.ModuleList([ResnetBlock2D(c, out, temb, groups, eps) for c in resnet_in])
+        self.attentions = nn.ModuleList(
+            [
+                SpatialTransformer(out, cfg.attention_head_dim, cfg.cross_attention_dim, groups)
+                for _ in range(transformers)
+            ]
+        )
+
+
+# ----------------------------------------------------------------------------- the UNet
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        self.cfg = cfg
+        c0, n = cfg.block_out_channels[0], cfg.layers_per_block
+        self.time_embedding = nn.Module()  # Diffusers' TimestepEmbedding: the MLP over the sinusoid
+        self.time_embedding.linear_1 = nn.Linear(c0, 4 * c0)
+        self.time_embedding.linear_2 = nn.Linear(4 * c0, 4 * c0)
+        self.conv_in = nn.Conv2d(cfg.in_channels, c0, 3, padding=1)
+
+        # Down path. `skip_channels` follows the widths of the skips the forward will push, so that each up-path
+        # ResNet knows the width of the skip it concatenates.
+        self.down_blocks = nn.ModuleList()
+        skip_channels, c = [c0], c0
+        for i, (out, block_type) in enumerate(zip(cfg.block_out_channels, cfg.down_block_types, strict=True)):
+            level = Level(cfg, [c] + [out] * (n - 1), out, n if _with_attention(block_type) else 0)
+            skip_channels += [out] * n
+            if i < len(cfg.block_out_channels) - 1:  # all but the lowest level end by halving H and W
+                level.downsamplers = nn.ModuleList([Downsample(out, cfg.downsample_padding)])
+                skip_channels.append(out)
+            self.down_blocks.append(level)
+            c = out
+
+        self.mid_block = Level(cfg, [c, c], c, transformers=1)
+
+        # Up path: n + 1 ResNets per level, one per skip popped: its down level's n ResNet outputs, then the output of
+        # the downsampler (or conv_in) that entered that level.
+        self.up_blocks = nn.ModuleList()
+        for i, (out, block_type) in enumerate(zip(reversed(cfg.block_out_channels), cfg.up_block_types, strict=True)):
+            resnet_in = [prev + skip_channels.pop() for prev in [c] + [out] * n]
+            level = Level(cfg, resnet_in, out, n + 1 if _with_attention(block_type) else 0)
+            if i < len(cfg.block_out_channels) - 1:  # all but the top level end by doubling H and W
+                level.upsamplers = nn.ModuleList([Upsample(out)])
+            self.up_blocks.append(level)
+            c = out
+
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, c0, eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(c0, cfg.out_channels, 3, padding=1)
+
+    def timestep_embedding(self, t: Tensor) -> Tensor:
+        """(B,) timesteps, possibly fractional -> (B, C0) sinusoids [cos(t f_k), sin(t f_k)], f_k = 10000^(-k/half)
+        (Vaswani et al. 2017, sec. 3.5, as in DDPM, Ho et al. 2020, arXiv:2006.11239). Always float32: t reaches 999.
+        """
+        half = self.cfg.block_out_channels[0] // 2
+        k = torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(-math.log(MAX_PERIOD) * k / (half - self.cfg.freq_shift))
+        args = t.float()[:, None] * freqs[None, :]  # (B,) -> (B, half)
+        sin_cos = (args.cos(), args.sin()) if self.cfg.flip_sin_to_cos else (args.sin(), args.cos())
+        return torch.cat(sin_cos, dim=-1)  # (B, half) -> (B, C0)
+
+    def forward(self, latents: Tensor, timestep: Tensor | float, context: Tensor) -> Tensor:
+        """Predict the noise in `latents` (B, 4, H, W) at `timestep` (a number, a 0-dim tensor, or one per sample
+        (B,)), conditioned on the text states `context` (B, L, D). Pass timesteps as tensors under torch.compile:
+        a Python number is a constant there, and each new value would recompile."""
+        t = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(latents.shape[0])  # -> (B,)
+        # The sinusoid is made in float32 and then cast to the model's dtype, as Diffusers does.
+        temb = self.timestep_embedding(t).to(latents.dtype)
+        temb = self.time_embedding.linear_2(F.silu(self.time_embedding.linear_1(temb)))  # (B, C0) -> (B, 4 C0)
+
+        x = self.conv_in(latents)  # (B, 4, H, W) -> (B, C0, H, W)
+        skips = [x]
+        for level in self.down_blocks:
+            for j, resnet in enumerate(level.resnets):
+                x = resnet(x, temb)
+                if level.attentions:
+                    x = level.attentions[j](x, context)
+                skips.append(x)
+            if hasattr(level, "downsamplers"):
+                x = level.downsamplers[0](x)
+                skips.append(x)
+
+        x = self.mid_block.resnets[0](x, temb)
+        x = self.mid_block.attentions[0](x, context)
+        x = self.mid_block.resnets[1](x, temb)
+
+        for level in self.up_blocks:
+            for j, resnet in enumerate(level.resnets):
+                x = torch.cat([x, skips.pop()], dim=1)  # (B, C, H, W) -> (B, C + C_skip, H, W)
+                x = resnet(x, temb)
+                if level.attentions:
+                    x = level.attentions[j](x, context)
+            if hasattr(level, "upsamplers"):
+                x = level.upsamplers[0](x, size=skips[-1].shape[-2:])  # to the size of the next skip
+
+        return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, C0, H, W) -> (B, 4, H, W)
+
+
+def load_unet(folder: Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> UNet:
+    """The UNet of a Diffusers-layout model folder, built on the meta device and assigned its safetensors weights
+    (the `.fp16` file when running in half precision and the folder has one)."""
+    folder = Path(folder)
+    config = read_config(UNetConfig, folder / "unet" / "config.json")
+    path = weights_file(folder, "unet", half=dtype in (torch.float16, torch.bfloat16))
+    return build(UNet, config, load_safetensors(path), str(path), dtype=dtype, device=device)
