@@ -216,7 +216,7 @@ class Level(nn.Module):
 class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         c0, n = cfg.block_out_channels[0], cfg.layers_per_block
         self.time_embedding = nn.Module()  # Diffusers' TimestepEmbedding: the MLP over the sinusoid
         self.time_embedding.linear_1 = nn.Linear(c0, 4 * c0)
@@ -256,11 +256,11 @@ class UNet(nn.Module):
         """(B,) timesteps, possibly fractional -> (B, C0) sinusoids [cos(t f_k), sin(t f_k)], f_k = 10000^(-k/half)
         (Vaswani et al. 2017, sec. 3.5, as in DDPM, Ho et al. 2020, arXiv:2006.11239). Always float32: t reaches 999.
         """
-        half = self.cfg.block_out_channels[0] // 2
+        half = self.config.block_out_channels[0] // 2
         k = torch.arange(half, dtype=torch.float32, device=t.device)
-        freqs = torch.exp(-math.log(MAX_PERIOD) * k / (half - self.cfg.freq_shift))
+        freqs = torch.exp(-math.log(MAX_PERIOD) * k / (half - self.config.freq_shift))
         args = t.float()[:, None] * freqs[None, :]  # (B,) -> (B, half)
-        sin_cos = (args.cos(), args.sin()) if self.cfg.flip_sin_to_cos else (args.sin(), args.cos())
+        sin_cos = (args.cos(), args.sin()) if self.config.flip_sin_to_cos else (args.sin(), args.cos())
         return torch.cat(sin_cos, dim=-1)  # (B, half) -> (B, C0)
 
     def forward(self, latents: Tensor, timestep: Tensor | float, context: Tensor) -> Tensor:

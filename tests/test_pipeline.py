@@ -1,0 +1,267 @@
+"""End to end: generate() equals Diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline on the same
+saved folders, seed and settings (fp32, CPU, output_type="np")."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import max_diff
+from min_pipeline import generate, load_pipeline
+
+DIFFUSERS_SCHEDULERS = {
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+}
+PROMPTS = ["a red fox in snow", "an astronaut riding a horse, 8k"]
+
+
+def reference_pipeline(folder):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.loaded_scheduler_config = pipe.scheduler.config  # the PNDM config as loaded from the folder
+    return pipe
+
+
+def with_scheduler(ref, name: str, karras: bool = False):
+    """The common Diffusers idiom: <Class>.from_config(pipe.scheduler.config) on a pipeline loaded from a folder.
+    Always from the loaded config: chaining from_config through other classes carries their defaults over."""
+    import diffusers
+
+    cls = getattr(diffusers, DIFFUSERS_SCHEDULERS[name])
+    options = {"use_karras_sigmas": True} if karras else {}
+    ref.scheduler = cls.from_config(ref.loaded_scheduler_config, **options)
+    return ref
+
+
+def clip_skip_embeds(ref, prompts: list[str], clip_skip: int) -> torch.Tensor:
+    """Reference embeddings with clip skip: hidden_states[-(k + 1)] then the final LayerNorm (Diffusers' rule,
+    computed directly because Diffusers 0.42's clip_skip path does not run with Transformers 5)."""
+    ids = ref.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = ref.text_encoder(ids, output_hidden_states=True)
+        return ref.text_encoder.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
+
+
+def assert_images_close(got: np.ndarray, want: np.ndarray, atol: float) -> None:
+    assert got.shape == want.shape and got.dtype == want.dtype == np.float32, (got.shape, want.shape, got.dtype)
+    g, w = torch.from_numpy(got), torch.from_numpy(want)
+    torch.testing.assert_close(g, w, atol=atol, rtol=0, msg=lambda m: f"{m}\n{max_diff(g, w)}")
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_pipeline(str(tiny_model_dir), device="cpu", dtype=torch.float32), reference_pipeline(tiny_model_dir)
+
+
+# Non-square; the tiny VAE down-samples by 2, so 40x24 pixels is a 20x12 latent (not a multiple of 8).
+H, W, STEPS = 40, 24, 5
+
+
+@pytest.mark.parametrize("negative", ["", "blurry, low quality"])
+@pytest.mark.parametrize("guidance", [1.0, 7.5])
+@pytest.mark.parametrize("sampler", list(DIFFUSERS_SCHEDULERS))
+def test_txt2img_matches_diffusers(tiny, sampler, guidance, negative):
+    ours, ref = tiny
+    with_scheduler(ref, sampler)
+    got = generate(
+        ours,
+        PROMPTS,
+        negative,
+        scheduler=sampler,
+        steps=STEPS,
+        guidance_scale=guidance,
+        height=H,
+        width=W,
+        seed=3,
+        num_images=2,
+        output_type="np",
+        progress=False,
+    )
+    want = ref(
+        PROMPTS,
+        negative_prompt=[negative] * 2 if negative else None,
+        num_inference_steps=STEPS,
+        guidance_scale=guidance,
+        height=H,
+        width=W,
+        num_images_per_prompt=2,
+        generator=torch.Generator().manual_seed(3),
+        output_type="np",
+    ).images
+    assert_images_close(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_txt2img_karras_matches_diffusers(tiny, sampler):
+    ours, ref = tiny
+    with_scheduler(ref, sampler, karras=True)
+    got = generate(
+        ours,
+        PROMPTS[0],
+        scheduler=sampler,
+        karras=True,
+        steps=STEPS,
+        height=H,
+        width=W,
+        seed=1,
+        output_type="np",
+        progress=False,
+    )
+    want = ref(
+        PROMPTS[0],
+        num_inference_steps=STEPS,
+        height=H,
+        width=W,
+        generator=torch.Generator().manual_seed(1),
+        output_type="np",
+    ).images
+    assert_images_close(got, want, atol=1e-4)
+
+
+def test_ddim_eta_matches_diffusers(tiny):
+    ours, ref = tiny
+    with_scheduler(ref, "ddim")
+    got = generate(
+        ours,
+        PROMPTS[0],
+        scheduler="ddim",
+        eta=0.7,
+        steps=STEPS,
+        height=H,
+        width=W,
+        seed=5,
+        output_type="np",
+        progress=False,
+    )
+    want = ref(
+        PROMPTS[0],
+        eta=0.7,
+        num_inference_steps=STEPS,
+        height=H,
+        width=W,
+        generator=torch.Generator().manual_seed(5),
+        output_type="np",
+    ).images
+    assert_images_close(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("clip_skip", [1, 2])
+def test_clip_skip_matches_diffusers(tiny, clip_skip):
+    """Clip skip on the prompt AND the negative prompt (A1111's behaviour; Diffusers' pipeline applies it to the
+    positive prompt only, so the reference gets explicit embeddings computed with clip skip on both)."""
+    ours, ref = tiny
+    with_scheduler(ref, "euler")
+    negative = "ugly"
+    got = generate(
+        ours,
+        PROMPTS,
+        negative,
+        steps=STEPS,
+        height=H,
+        width=W,
+        seed=2,
+        clip_skip=clip_skip,
+        output_type="np",
+        progress=False,
+    )
+    want = ref(
+        prompt_embeds=clip_skip_embeds(ref, PROMPTS, clip_skip),
+        negative_prompt_embeds=clip_skip_embeds(ref, [negative] * 2, clip_skip),
+        num_inference_steps=STEPS,
+        height=H,
+        width=W,
+        generator=torch.Generator().manual_seed(2),
+        output_type="np",
+    ).images
+    assert_images_close(got, want, atol=1e-4)
+
+
+def test_pil_output_is_rounded_like_diffusers(tiny):
+    ours, ref = tiny
+    with_scheduler(ref, "euler")
+    got = generate(ours, PROMPTS[0], steps=2, height=H, width=W, progress=False)
+    want = ref(PROMPTS[0], num_inference_steps=2, height=H, width=W, generator=torch.Generator().manual_seed(0)).images
+    assert len(got) == 1 and got[0].size == (W, H) and got[0].mode == "RGB"
+    diff = np.abs(np.asarray(got[0], dtype=int) - np.asarray(want[0], dtype=int))
+    assert diff.max() <= 1, f"max abs pixel diff {diff.max()}"  # 1e-4 in [0, 1] may flip a rounding
+
+
+def init_image(w: int, h: int) -> Image.Image:
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("strength", [0.5, 0.75])
+@pytest.mark.parametrize("sampler", ["euler", "ddim"])
+def test_img2img_matches_diffusers(tiny, sampler, strength):
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    ours, ref = tiny
+    ref = StableDiffusionImg2ImgPipeline(**with_scheduler(ref, sampler).components)
+    ref.set_progress_bar_config(disable=True)
+    image = init_image(45, 37)  # odd sizes: cut down to 44x36, a multiple of the tiny VAE's factor 2
+    got = generate(
+        ours,
+        PROMPTS[0],
+        "blurry",
+        scheduler=sampler,
+        steps=8,
+        init_image=image,
+        strength=strength,
+        seed=4,
+        num_images=2,
+        output_type="np",
+        progress=False,
+    )
+    want = ref(
+        PROMPTS[0],
+        image=image,
+        negative_prompt="blurry",
+        strength=strength,
+        num_inference_steps=8,
+        num_images_per_prompt=2,
+        generator=torch.Generator().manual_seed(4),
+        output_type="np",
+    ).images
+    assert got.shape == (2, 36, 44, 3)
+    assert_images_close(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "ddim"])
+def test_sd15_txt2img_matches_diffusers(sd15_model_dir, sampler):
+    """The true SD 1.5 configs (random weights): 256x256, 4 steps, CFG 7.5. atol 1e-3 on [0, 1] pixels: fp32
+    round-off through 860M parameters and four UNet calls, still far below one 8-bit level (3.9e-3)."""
+    ours = load_pipeline(str(sd15_model_dir), device="cpu", dtype=torch.float32)
+    got = generate(
+        ours,
+        PROMPTS[0],
+        "blurry",
+        scheduler=sampler,
+        steps=4,
+        height=256,
+        width=256,
+        seed=0,
+        output_type="np",
+        progress=False,
+    )
+    del ours
+    ref = with_scheduler(reference_pipeline(sd15_model_dir), sampler)
+    want = ref(
+        PROMPTS[0],
+        negative_prompt="blurry",
+        num_inference_steps=4,
+        height=256,
+        width=256,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    ).images
+    assert_images_close(got, want, atol=1e-3)
