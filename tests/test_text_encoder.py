@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import max_diff
 
+from conftest import max_diff
 from models.clip import load_text_encoder
 
 PROMPTS = [

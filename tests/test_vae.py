@@ -12,9 +12,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import max_diff
 from safetensors.torch import load_file, save_file
 
+from conftest import max_diff
 from models.vae import Attention, AutoencoderKL, VAEConfig, load_vae, sample_latent
 
 diffusers = pytest.importorskip("diffusers")
