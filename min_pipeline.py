@@ -100,6 +100,9 @@ def load_pipeline(
 
 def encode_prompts(pipe: Pipeline, prompts: list[str], clip_skip: int | None) -> torch.Tensor:
     """Prompts -> CLIP context (B, 77, D). Clip skip applies to every prompt, negative ones included (as A1111)."""
+    for p in prompts:
+        if dropped := pipe.tokenizer.truncated(p):
+            print(f"minsd: warning: the prompt is longer than CLIP's 77 tokens; dropped: {dropped!r}", file=sys.stderr)
     ids = pipe.tokenizer(prompts).to(pipe.device)
     return pipe.text_encoder(ids, clip_skip=clip_skip)
 
@@ -156,9 +159,14 @@ def generate(
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
     factor = pipe.vae.scale_factor
-    check_settings(
-        scheduler, steps, guidance_scale, height, width, num_images, strength, factor, len(negatives), len(prompts)
-    )
+    check_settings(scheduler, karras, steps, guidance_scale, height, width, num_images, strength, factor)
+    if len(negatives) != len(prompts):
+        raise UserError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one each")
+    if init_image is not None and int(steps * strength) < 1:
+        raise UserError(f"steps x strength = {steps * strength:g} < 1 leaves no step to run; raise either")
+    layers = pipe.text_encoder.config.num_hidden_layers
+    if clip_skip is not None and not 0 <= clip_skip < layers:
+        raise UserError(f"clip skip must be between 0 and {layers - 1} for this text encoder, got {clip_skip}")
     dev, dtype = pipe.device, pipe.dtype
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise, so the same image, on any device
     n = len(prompts) * num_images
@@ -215,9 +223,11 @@ def decode(pipe: Pipeline, x: torch.Tensor) -> np.ndarray:
     return (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def check_settings(scheduler, steps, guidance_scale, height, width, num_images, strength, factor, n_neg, n_pos):
+def check_settings(scheduler, karras, steps, guidance_scale, height, width, num_images, strength, factor) -> None:
     if scheduler not in sampling.SAMPLERS:
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(sampling.SAMPLERS)}")
+    if karras and scheduler not in sampling.KARRAS_SAMPLERS:
+        raise UserError(f"--karras works with {', '.join(sampling.KARRAS_SAMPLERS)}, not {scheduler}")
     if steps < 1:
         raise UserError(f"steps must be at least 1, got {steps}")
     if guidance_scale < 0:
@@ -229,8 +239,6 @@ def check_settings(scheduler, steps, guidance_scale, height, width, num_images, 
         raise UserError(f"num_images must be between 1 and 64, got {num_images}")
     if not 0 < strength <= 1:
         raise UserError(f"strength must be in (0, 1], got {strength}")
-    if n_neg != n_pos:
-        raise UserError(f"got {n_neg} negative prompts for {n_pos} prompts; give one, or one per prompt")
 
 
 # ----------------------------------------------------------------------------- PNG metadata
@@ -351,24 +359,31 @@ def save_png(image: Image.Image, path: Path, parameters: str) -> None:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
+# The CLI flags that are generate() arguments of the same name.
+GENERATE_OPTIONS = (
+    "negative_prompt",
+    "scheduler",
+    "karras",
+    "steps",
+    "guidance_scale",
+    "height",
+    "width",
+    "seed",
+    "num_images",
+    "clip_skip",
+    "strength",
+    "eta",
+)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
     try:
         # Cheap checks first, so a typo costs no model loading. The size is checked against SD 1.5's VAE factor
         # here and against the loaded VAE in generate().
-        check_settings(
-            args.scheduler,
-            args.steps,
-            args.guidance_scale,
-            args.height,
-            args.width,
-            args.num_images,
-            args.strength,
-            8,
-            1,
-            1,
-        )
+        a = args
+        check_settings(a.scheduler, a.karras, a.steps, a.guidance_scale, a.height, a.width, a.num_images, a.strength, 8)
         if args.clip_skip is not None and args.clip_skip < 0:
             raise UserError(f"clip skip must be >= 0, got {args.clip_skip}")
         paths = output_paths(args.output, args.num_images, args.seed)
@@ -380,24 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda requested but no CUDA GPU is available; use --device cpu")
         pipe = load_pipeline(args.model, str(device), DTYPES.get(args.dtype))
-        images = generate(
-            pipe,
-            args.prompt,
-            args.negative_prompt,
-            args.scheduler,
-            args.karras,
-            args.steps,
-            args.guidance_scale,
-            args.height,
-            args.width,
-            args.seed,
-            args.num_images,
-            args.clip_skip,
-            init,
-            args.strength,
-            args.eta,
-            progress=not args.quiet,
-        )
+        settings = {name: getattr(args, name) for name in GENERATE_OPTIONS}
+        images = generate(pipe, args.prompt, init_image=init, progress=not args.quiet, **settings)
         for image, path in zip(images, paths, strict=True):
             save_png(image, path, parameters_text(args, *image.size))
     except (UserError, WeightsError) as e:

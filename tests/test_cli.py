@@ -1,0 +1,268 @@
+"""The CLI as a user runs it, through a subprocess: a real PNG with its settings in a `parameters` chunk, and a
+one-line error with exit code 2 (no traceback, no output file) for each kind of bad input."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from min_pipeline import generate, load_pipeline, main, read_parameters
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "min_pipeline.py"), *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def test_cli_writes_png_with_parameters(tiny_model_dir, tmp_path):
+    out = tmp_path / "fox.png"
+    args = [
+        "--prompt",
+        "a red fox, in snow",
+        "--negative-prompt",
+        "blurry",
+        "--steps",
+        "3",
+        "--scheduler",
+        "dpmpp_2m",
+        "--karras",
+        "--guidance-scale",
+        "6",
+        "--seed",
+        "7",
+        "--height",
+        "24",
+        "--width",
+        "40",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--clip-skip",
+        "1",
+        "--output",
+        str(out),
+    ]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out}" in result.stdout
+    assert "denoising" in result.stderr  # the progress bar
+    image = Image.open(out)
+    assert image.size == (40, 24) and image.mode == "RGB"
+    params = read_parameters(image.text["parameters"])
+    assert params["prompt"] == "a red fox, in snow" and params["negative_prompt"] == "blurry"
+    assert params["Steps"] == "3" and params["Sampler"] == "DPM++ 2M" and params["Schedule type"] == "Karras"
+    assert params["CFG scale"] == "6.0" and params["Seed"] == "7" and params["Size"] == "40x24"
+    assert params["Model"] == str(tiny_model_dir) and params["Clip skip"] == "2"  # A1111 counts from 1
+    # The same settings through the API give the same pixels.
+    pipe = load_pipeline(str(tiny_model_dir), device="cpu")
+    again = generate(
+        pipe,
+        params["prompt"],
+        params["negative_prompt"],
+        scheduler="dpmpp_2m",
+        karras=True,
+        steps=int(params["Steps"]),
+        guidance_scale=float(params["CFG scale"]),
+        height=24,
+        width=40,
+        seed=int(params["Seed"]),
+        clip_skip=1,
+        progress=False,
+    )[0]
+    assert np.array_equal(np.asarray(again), np.asarray(image))
+
+
+def test_cli_numbers_several_images_and_img2img(tiny_model_dir, tmp_path):
+    init = tmp_path / "init.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(init)
+    result = run_cli(
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--num-images",
+        "2",
+        "--init-image",
+        str(init),
+        "--strength",
+        "0.6",
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--output",
+        str(tmp_path) + "/",
+    )
+    assert result.returncode == 0, result.stderr
+    paths = sorted(tmp_path.glob("0-*.png"))
+    assert [p.name for p in paths] == ["0-0.png", "0-1.png"]
+    image = Image.open(paths[0])
+    assert image.size == (30, 20)
+    params = read_parameters(image.text["parameters"])
+    assert params["Denoising strength"] == "0.6" and params["Batch size"] == "2"
+
+
+def test_parameters_round_trip_with_commas_and_newlines():
+    from argparse import Namespace
+
+    from min_pipeline import parameters_text
+
+    args = Namespace(
+        prompt="a, b\nc: d",
+        negative_prompt="e, f",
+        steps=20,
+        scheduler="euler_a",
+        karras=False,
+        guidance_scale=7.5,
+        seed=1,
+        model="org/name",
+        num_images=1,
+        clip_skip=None,
+        init_image=None,
+        strength=0.8,
+        eta=0.0,
+    )
+    params = read_parameters(parameters_text(args, 512, 768))
+    assert params == {
+        "prompt": "a, b\nc: d",
+        "negative_prompt": "e, f",
+        "Steps": "20",
+        "Sampler": "Euler a",
+        "CFG scale": "7.5",
+        "Seed": "1",
+        "Size": "512x768",
+        "Model": "org/name",
+    }
+
+
+@pytest.fixture(scope="module")
+def broken_dirs(tiny_model_dir, tmp_path_factory):
+    """A model folder whose UNet weights have the wrong shape, and one without its UNet file."""
+    root = tmp_path_factory.mktemp("broken")
+    wrong = root / "wrong"
+    shutil.copytree(tiny_model_dir, wrong)
+    path = wrong / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(path)
+    state["conv_in.weight"] = torch.zeros(3, 4, 3, 3)
+    save_file(state, path)
+    missing = root / "missing"
+    shutil.copytree(tiny_model_dir, missing)
+    (missing / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    return wrong, missing
+
+
+BAD_INPUTS = {
+    "height": (["--height", "500"], "height must be a multiple of 8"),
+    "width": (["--width", "8192"], "width must be a multiple of 8 between 8 and 4096"),
+    "steps": (["--steps", "0"], "steps must be at least 1"),
+    "strength-high": (["--strength", "1.5"], "strength must be in (0, 1]"),
+    "strength-zero": (["--strength", "0"], "strength must be in (0, 1]"),
+    "guidance": (["--guidance-scale", "-1"], "guidance scale must be >= 0"),
+    "scheduler": (["--scheduler", "plms"], "unknown scheduler 'plms'"),
+    "init-image": (["--init-image", "{tmp}/nope.png"], "cannot read init image"),
+    "init-image-garbage": (["--init-image", "{tmp}/garbage.png"], "cannot read init image"),
+    "model-folder": (["--model", "{tmp}/no-model"], "does not exist"),
+    "model-files": (["--model", "{missing}"], "missing weights file"),
+    "model-shape": (["--model", "{wrong}"], "conv_in.weight has shape (3, 4, 3, 3)"),
+    "output-dir": (["--output", "{tmp}/no/such/dir/x.png"], "cannot write to"),
+    "output-suffix": (["--output", "{tmp}/x.jpg"], "must be a .png file name"),
+    "pickle": (["--model", "{tmp}/model.ckpt"], "pickles, which can run arbitrary code"),
+    "karras-ddim": (["--scheduler", "ddim", "--karras"], "karras"),
+}
+
+
+def bad_input_args(case: str, tiny_model_dir: Path, broken_dirs, tmp_path: Path) -> list[str]:
+    (tmp_path / "garbage.png").write_bytes(b"not an image")
+    (tmp_path / "model.ckpt").write_bytes(b"\x80\x04 pretend pickle")
+    extra, _ = BAD_INPUTS[case]
+    fill = {"tmp": tmp_path, "wrong": broken_dirs[0], "missing": broken_dirs[1]}
+    extra = [a.format(**fill) for a in extra]
+    model = [] if "--model" in extra else ["--model", str(tiny_model_dir)]
+    out = tmp_path / "out.png"
+    return [
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "--device",
+        "cpu",
+        "--output",
+        str(out),
+        *model,
+        *extra,
+    ]
+
+
+def check_one_line_error(case: str, code: int, stderr: str, tmp_path: Path) -> None:
+    assert code == 2, (code, stderr)
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("min_pipeline.py: error: "), stderr
+    assert BAD_INPUTS[case][1].lower() in lines[0].lower(), lines[0]
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "out.png").exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2(case, tiny_model_dir, broken_dirs, tmp_path, capsys):
+    """In-process through main() (a subprocess per case would spend most of its time importing torch)."""
+    code = main(bad_input_args(case, tiny_model_dir, broken_dirs, tmp_path))
+    check_one_line_error(case, code, capsys.readouterr().err, tmp_path)
+
+
+@pytest.mark.parametrize("case", ["height", "model-shape", "init-image-garbage"])
+def test_cli_bad_input_through_subprocess(case, tiny_model_dir, broken_dirs, tmp_path):
+    result = run_cli(*bad_input_args(case, tiny_model_dir, broken_dirs, tmp_path))
+    check_one_line_error(case, result.returncode, result.stderr, tmp_path)
+
+
+def test_long_prompt_warns_with_dropped_words(tiny_model_dir, tmp_path):
+    prompt = "a cat " * 40 + "and finally a purple giraffe"
+    result = run_cli(
+        "--prompt",
+        prompt,
+        "--steps",
+        "1",
+        "--height",
+        "16",
+        "--width",
+        "16",
+        "--device",
+        "cpu",
+        "--model",
+        str(tiny_model_dir),
+        "--output",
+        str(tmp_path / "o.png"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "purple giraffe" in result.stderr and "77" in result.stderr
+
+
+def test_help_documents_defaults():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for text in (
+        "--prompt",
+        "--scheduler",
+        "(default: euler)",
+        "--steps",
+        "(default: 30)",
+        "--guidance-scale",
+        "(default: 7.5)",
+        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    ):
+        assert text in result.stdout, text
