@@ -159,7 +159,8 @@ class SpatialTransformer(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Halve H and W with a stride-2 3x3 conv (odd sizes round up: 9 -> 5)."""
+    """Halve H and W with a stride-2 3x3 conv (odd sizes round up: 9 -> 5). The VAE encoder uses it with
+    padding 0."""
 
     def __init__(self, channels: int, padding: int):
         super().__init__()
@@ -173,16 +174,18 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour upsampling to `size`, then a 3x3 conv."""
+    """Nearest-neighbour upsampling to `size` (default: twice H and W), then a 3x3 conv. The VAE decoder uses it
+    too."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: Tensor, size: torch.Size) -> Tensor:
+    def forward(self, x: Tensor, size: torch.Size | None = None) -> Tensor:
         # `size` is the next skip's H, W: twice x's when the latent size is a multiple of 8 (2^downsamplers), else
         # the size the down path rounded up from (9 -> 5 -> 3 -> 2 comes back 2 -> 3 -> 5 -> 9). Diffusers passes this
         # `upsample_size` only for such latents and scale_factor=2 otherwise: the same thing.
+        size = size or (2 * x.shape[-2], 2 * x.shape[-1])
         return self.conv(F.interpolate(x, size=size, mode="nearest"))  # (B, C, H, W) -> (B, C, ~2H, ~2W)
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.loading import build, load_safetensors, read_config, weights_file
-from models.unet import ResnetBlock2D
+from models.unet import Downsample, ResnetBlock2D, Upsample
 
 EPS = 1e-6  # every GroupNorm of the VAE (Diffusers' Encoder/Decoder hard-code it; the UNet uses 1e-5)
 
@@ -73,32 +73,6 @@ class MidBlock(nn.Module):
         return self.resnets[1](x)
 
 
-class Downsample(nn.Module):
-    """Halve H and W with a stride-2 3x3 conv.
-
-    The original LDM encoder pads only the right and bottom edge by one pixel and convolves without padding (the
-    UNet's down-sampler pads all sides instead); the two differ in value, and in size when H or W is odd.
-    """
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1)))  # (left, right, top, bottom)
-
-
-class Upsample(nn.Module):
-    """Double H and W: nearest-neighbour repeat, then a 3x3 conv."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))  # (B, C, H, W) -> (B, C, 2H, 2W)
-
-
 class DownBlock(nn.Module):
     """One encoder level: ResNets (the first changes the width), then an optional down-sampler."""
 
@@ -107,7 +81,7 @@ class DownBlock(nn.Module):
         self.resnets = nn.ModuleList(
             [ResnetBlock2D(c_in if i == 0 else c_out, c_out, None, groups, EPS) for i in range(layers)]
         )
-        self.downsamplers = nn.ModuleList([Downsample(c_out)] if downsample else [])
+        self.downsamplers = nn.ModuleList([Downsample(c_out, padding=0)] if downsample else [])
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in [*self.resnets, *self.downsamplers]:
