@@ -214,12 +214,12 @@ def generate(
 def decode(pipe: Pipeline, x: torch.Tensor) -> np.ndarray:
     """VAE decode -> float32 (N, H, W, 3) in [0, 1]. fp16 decodes can overflow to inf/NaN (black images) on the
     SD 1.5 VAE: if that happens, say so and decode again in float32."""
-    latents = x / pipe.vae.config.scaling_factor
-    pixels = pipe.vae.decode(latents)
+    scale = pipe.vae.config.scaling_factor  # LDM trained the UNet on latents * scale (about unit variance)
+    pixels = pipe.vae.decode(x / scale)
     if pipe.dtype == torch.float16 and not torch.isfinite(pixels).all():
         print("minsd: the float16 VAE decode overflowed; decoding again in float32", file=sys.stderr)
-        pipe.vae.float()
-        pixels = pipe.vae.decode(latents.float())
+        pipe.vae.float()  # and keep it so: the next images would overflow too
+        pixels = pipe.vae.decode(x.float() / scale)
     return (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
 

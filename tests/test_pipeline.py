@@ -265,3 +265,37 @@ def test_sd15_txt2img_matches_diffusers(sd15_model_dir, sampler):
         output_type="np",
     ).images
     assert_images_close(got, want, atol=1e-3)
+
+
+def test_half_precision_vae_overflow_is_redone_in_float32(tiny_model_dir, capsys):
+    """fp16 VAE decodes can overflow to inf (black images). The driver detects that, says so, and decodes again in
+    float32: the result equals a float32 decode of the same latents."""
+    from min_pipeline import decode
+
+    pipe = load_pipeline(str(tiny_model_dir), device="cpu", dtype=torch.float16)
+    with torch.no_grad():
+        # Activations beyond fp16's 65504 that the next GroupNorm would bring back to scale in float32.
+        pipe.vae.post_quant_conv.weight.mul_(1e4)
+    latents = torch.randn(1, 4, 6, 5, generator=torch.Generator().manual_seed(0)).half()
+    with torch.no_grad():
+        assert not torch.isfinite(pipe.vae.decode(latents / pipe.vae.config.scaling_factor)).all()
+        got = decode(pipe, latents)
+    assert "decoding again in float32" in capsys.readouterr().err
+    assert pipe.vae.post_quant_conv.weight.dtype == torch.float32
+    with torch.no_grad():
+        want = pipe.vae.decode(latents.float() / pipe.vae.config.scaling_factor)
+    want = (want / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    assert np.isfinite(got).all()
+    assert_images_close(got, want, atol=1e-6)
+
+
+def test_bfloat16_runs_close_to_float32(tiny, tiny_model_dir):
+    """bfloat16 (fast on CPUs with AVX-512 BF16) keeps ~3 significant digits: a loose check that nothing is
+    silently computed in the wrong dtype or skipped."""
+    ours, _ = tiny
+    pipe = load_pipeline(str(tiny_model_dir), device="cpu", dtype=torch.bfloat16)
+    assert pipe.unet.conv_in.weight.dtype == torch.bfloat16
+    kwargs = dict(steps=STEPS, height=H, width=W, seed=3, output_type="np", progress=False)
+    got, want = generate(pipe, PROMPTS[0], **kwargs), generate(ours, PROMPTS[0], **kwargs)
+    assert got.dtype == np.float32
+    assert_images_close(got, want, atol=0.1)
