@@ -292,11 +292,24 @@ def read_parameters(text: str) -> dict[str, str]:
 # ----------------------------------------------------------------------------- CLI
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like our other errors (argparse adds the usage block)
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False, "") or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="min_pipeline.py",
         description="Stable Diffusion 1.5 text-to-image / image-to-image in plain PyTorch.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--prompt", required=True, help="what to draw")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (replaces the empty prompt in CFG)")
@@ -317,7 +330,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--init-image", default=None, help="image-to-image: start from this picture (sets the size)")
     p.add_argument("--strength", type=float, default=0.8, help="image-to-image: how much of the init image to redraw")
-    p.add_argument("--model", default=DEFAULT_MODEL, help="hub repo id or local Diffusers-layout folder")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="hub repo id, local Diffusers-layout folder, or single-file .safetensors checkpoint",
+    )
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available, in that order)")
     p.add_argument(
         "--dtype",

@@ -179,6 +179,7 @@ BAD_INPUTS = {
     "output-suffix": (["--output", "{tmp}/x.jpg"], "must be a .png file name"),
     "pickle": (["--model", "{tmp}/model.ckpt"], "pickles, which can run arbitrary code"),
     "karras-ddim": (["--scheduler", "ddim", "--karras"], "karras"),
+    "steps-not-int": (["--steps", "x"], "argument --steps: invalid int value"),
 }
 
 
@@ -220,11 +221,14 @@ def check_one_line_error(case: str, code: int, stderr: str, tmp_path: Path) -> N
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_is_one_line_exit_2(case, tiny_model_dir, broken_dirs, tmp_path, capsys):
     """In-process through main() (a subprocess per case would spend most of its time importing torch)."""
-    code = main(bad_input_args(case, tiny_model_dir, broken_dirs, tmp_path))
+    try:
+        code = main(bad_input_args(case, tiny_model_dir, broken_dirs, tmp_path))
+    except SystemExit as e:  # argparse's own errors exit from parse_args
+        code = e.code
     check_one_line_error(case, code, capsys.readouterr().err, tmp_path)
 
 
-@pytest.mark.parametrize("case", ["height", "model-shape", "init-image-garbage"])
+@pytest.mark.parametrize("case", ["height", "model-shape", "init-image-garbage", "steps-not-int"])
 def test_cli_bad_input_through_subprocess(case, tiny_model_dir, broken_dirs, tmp_path):
     result = run_cli(*bad_input_args(case, tiny_model_dir, broken_dirs, tmp_path))
     check_one_line_error(case, result.returncode, result.stderr, tmp_path)
@@ -255,14 +259,16 @@ def test_long_prompt_warns_with_dropped_words(tiny_model_dir, tmp_path):
 def test_help_documents_defaults():
     result = run_cli("--help")
     assert result.returncode == 0
-    for text in (
+    text = "".join(result.stdout.split())  # argparse wraps lines at the terminal width
+    for option in (
         "--prompt",
         "--scheduler",
-        "(default: euler)",
+        "(default:euler)",
         "--steps",
-        "(default: 30)",
+        "(default:30)",
         "--guidance-scale",
-        "(default: 7.5)",
-        "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "(default:7.5)",
+        "(default:stable-diffusion-v1-5/stable-diffusion-v1-5)",
+        "(default:out.png)",
     ):
-        assert text in result.stdout, text
+        assert option in text, option
