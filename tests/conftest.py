@@ -87,7 +87,7 @@ def write_tokenizer_files(folder: Path) -> None:
         shutil.copy(SD15_CONFIGS / "tokenizer" / name, folder / name)
 
 
-def _save(folder: Path, config: dict, config_name: str, weights_name: str, state: dict) -> None:
+def save_component(folder: Path, config: dict, config_name: str, weights_name: str, state: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / config_name).write_text(json.dumps(config, indent=2))
     state = {k: v.detach().contiguous() for k, v in state.items()}
@@ -99,7 +99,7 @@ def save_text_encoder(folder: Path, model, config: dict) -> None:
     4.22 wrote both; Transformers 5 writes neither, so its save_pretrained would not look like the hub file)."""
     state = {"text_model." + k.removeprefix("text_model."): v for k, v in model.state_dict().items()}
     state["text_model.embeddings.position_ids"] = torch.arange(config["max_position_embeddings"])[None]
-    _save(folder, config, "config.json", "model.safetensors", state)
+    save_component(folder, config, "config.json", "model.safetensors", state)
 
 
 def build_model_folder(folder: Path, text: dict, unet: dict, vae: dict, seed: int = 0) -> Path:
@@ -112,15 +112,15 @@ def build_model_folder(folder: Path, text: dict, unet: dict, vae: dict, seed: in
 
     torch.manual_seed(seed)
     text_cfg = official_config("text_encoder", **text)
-    model = _randomize_norms(CLIPTextModel(CLIPTextConfig(**text_cfg)))
+    model = randomize_norms(CLIPTextModel(CLIPTextConfig(**text_cfg)))
     save_text_encoder(folder / "text_encoder", model, text_cfg)
     unet_cfg = official_config("unet", **unet)
-    model = _randomize_norms(UNet2DConditionModel(**public(unet_cfg)))
-    _save(folder / "unet", unet_cfg, "config.json", "diffusion_pytorch_model.safetensors", model.state_dict())
+    model = randomize_norms(UNet2DConditionModel(**public(unet_cfg)))
+    save_component(folder / "unet", unet_cfg, "config.json", "diffusion_pytorch_model.safetensors", model.state_dict())
     del model
     vae_cfg = official_config("vae", **vae)
-    model = _randomize_norms(AutoencoderKL(**public(vae_cfg)))
-    _save(folder / "vae", vae_cfg, "config.json", "diffusion_pytorch_model.safetensors", model.state_dict())
+    model = randomize_norms(AutoencoderKL(**public(vae_cfg)))
+    save_component(folder / "vae", vae_cfg, "config.json", "diffusion_pytorch_model.safetensors", model.state_dict())
     write_tokenizer_files(folder / "tokenizer")
     (folder / "scheduler").mkdir(exist_ok=True)
     shutil.copy(SD15_CONFIGS / "scheduler" / "scheduler_config.json", folder / "scheduler")
@@ -128,7 +128,7 @@ def build_model_folder(folder: Path, text: dict, unet: dict, vae: dict, seed: in
     return folder
 
 
-def _randomize_norms(model: torch.nn.Module) -> torch.nn.Module:
+def randomize_norms(model: torch.nn.Module) -> torch.nn.Module:
     """Diffusers initialises norm layers to weight 1, bias 0, and some output convs to zero; random values
     make a parity test see a swapped or missing norm affine."""
     for m in model.modules():

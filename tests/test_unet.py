@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from conftest import SD15_CONFIGS, TINY_UNET, _randomize_norms, _save, max_diff, official_config
+from conftest import SD15_CONFIGS, TINY_UNET, max_diff, official_config, randomize_norms, save_component
 from models.loading import WeightsError, load_safetensors, read_config
 from models.unet import Attention, UNet, UNetConfig, load_unet
 
@@ -81,8 +81,8 @@ def test_tiny_unet_variants_match_diffusers(tmp_path, overrides):
 
     torch.manual_seed(0)
     config = official_config("unet", **TINY_UNET, **overrides)
-    model = _randomize_norms(UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")}))
-    _save(tmp_path / "unet", config, "config.json", "diffusion_pytorch_model.safetensors", model.state_dict())
+    model = randomize_norms(UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")}))
+    save_component(tmp_path / "unet", config, "config.json", "diffusion_pytorch_model.safetensors", model.state_dict())
     eps, eps_ref = run_both(load_unet(tmp_path), model.eval(), 2, 9, 10, torch.tensor(978.6), context_dim=32)
     assert_same(eps, eps_ref, atol=1e-5)
 
