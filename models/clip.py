@@ -87,8 +87,11 @@ class CLIPEncoderLayer(nn.Module):
 class CLIPEmbeddings(nn.Module):
     def __init__(self, cfg: CLIPTextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        # `_weight` skips nn.Embedding's random init: even on the meta device its init.normal_ imports torch._dynamo,
+        # ~5 s per process here; the weights always come from the checkpoint.
+        v, n, d = cfg.vocab_size, cfg.max_position_embeddings, cfg.hidden_size
+        self.token_embedding = nn.Embedding(v, d, _weight=torch.empty(v, d))
+        self.position_embedding = nn.Embedding(n, d, _weight=torch.empty(n, d))
 
     def forward(self, ids: Tensor) -> Tensor:
         return self.token_embedding(ids) + self.position_embedding.weight[: ids.shape[1]]  # (B, L) -> (B, L, D)
