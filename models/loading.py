@@ -61,7 +61,7 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix in PICKLE_SUFFIXES:
         raise WeightsError(
             f"refusing to load {path}: {path.suffix} files are Python pickles, which can run arbitrary code "
-            "when loaded; use the .safetensors version of these weights"
+            "when loaded; download the .safetensors version instead (model pages on the HF hub and Civitai offer one)"
         )
     if not path.is_file():
         raise WeightsError(f"missing weights file {path}: the model folder is incomplete")
