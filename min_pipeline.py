@@ -6,7 +6,10 @@ Latent diffusion (Rombach et al. 2022, arXiv:2112.10752): the prompt is tokenize
 (77, 768) context; a UNet trained to predict the noise eps in a 4-channel latent image at 1/8 of the pixel size
 is run by a sampler (scheduler.py) from pure noise down to a clean latent, steered by classifier-free guidance;
 the VAE decoder turns the latent into pixels. Every step below equals what Diffusers'
-StableDiffusionPipeline / StableDiffusionImg2ImgPipeline does for the same weights, seed and settings.
+StableDiffusionPipeline / StableDiffusionImg2ImgPipeline does for the same weights, seed and settings, with two
+deliberate exceptions: clip skip also applies to the negative prompt (as in A1111; Diffusers skips layers for the
+positive prompt only), and the tokenizer cleans text as OpenAI's CLIP does (ftfy, HTML entities), so curly quotes,
+`&amp;` or ligatures tokenize as CLIP was trained, where Transformers' tokenizer differs.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from models.vae import AutoencoderKL, load_vae, sample_latent
 from tokenizer import CLIPTokenizer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# SD 1.5 was trained on 1000 timesteps; "leading" spacing with steps_offset 1 would ask for t = 1000 at 1000 steps.
+MAX_STEPS = 999
 
 
 class UserError(Exception):
@@ -77,7 +82,7 @@ def load_pipeline(
     """
     dev = pick_device(device)
     dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
-    path = resolve_model(model, half=dtype in (torch.float16, torch.bfloat16))
+    path = resolve_model(model, half=dtype == torch.float16)
     config_dir = Path(config) if config else (None if path.is_file() else path)
     if path.is_file():
         text_encoder, unet, vae = load_single_file(path, dtype, dev, config=config_dir)
@@ -91,7 +96,14 @@ def load_pipeline(
     tokenizer = CLIPTokenizer()  # OpenAI's vocabulary, shipped in tokenizer/
     if config_dir is not None:
         scheduler_config = read_json(config_dir / "scheduler" / "scheduler_config.json")
-        tokenizer = CLIPTokenizer.from_folder(config_dir / "tokenizer")
+        try:
+            tokenizer = CLIPTokenizer.from_folder(config_dir / "tokenizer")
+        except (OSError, ValueError, KeyError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise WeightsError(f"cannot read the tokenizer files in {config_dir / 'tokenizer'}: {e}") from None
+    try:  # a folder may ship a scheduler config our samplers do not implement (v-prediction, other betas, ...)
+        sampling.make_schedule("euler", 1, scheduler_config)
+    except (ValueError, KeyError) as e:
+        raise WeightsError(f"unsupported scheduler/scheduler_config.json in {config_dir}: {e}") from None
     return Pipeline(tokenizer, text_encoder, unet, vae, scheduler_config, dev, dtype, model)
 
 
@@ -108,7 +120,8 @@ def encode_prompts(pipe: Pipeline, prompts: list[str], clip_skip: int | None) ->
 
 
 def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Ho & Salimans 2022 (arXiv:2207.12598) Eq. 6, written as Diffusers does: eps_u + s * (eps_c - eps_u)."""
+    """Ho & Salimans 2022 (arXiv:2207.12598) Eq. 6, (1 + w) eps_c - w eps_u, written with s = 1 + w as Diffusers
+    does: eps_u + s * (eps_c - eps_u). s = 1 is the conditional model alone."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
@@ -159,14 +172,23 @@ def generate(
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
     factor = pipe.vae.scale_factor
-    check_settings(scheduler, karras, steps, guidance_scale, height, width, num_images, strength, factor)
-    if len(negatives) != len(prompts):
-        raise UserError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; give one, or one each")
-    if init_image is not None and int(steps * strength) < 1:
-        raise UserError(f"steps x strength = {steps * strength:g} < 1 leaves no step to run; raise either")
-    layers = pipe.text_encoder.config.num_hidden_layers
-    if clip_skip is not None and not 0 <= clip_skip < layers:
-        raise UserError(f"clip skip must be between 0 and {layers - 1} for this text encoder, got {clip_skip}")
+    check_settings(
+        scheduler=scheduler,
+        karras=karras,
+        steps=steps,
+        guidance_scale=guidance_scale,
+        height=height,
+        width=width,
+        num_images=num_images,
+        clip_skip=clip_skip,
+        img2img=init_image is not None,
+        strength=strength,
+        eta=eta,
+        factor=factor,
+        clip_layers=pipe.text_encoder.config.num_hidden_layers,
+    )
+    if not prompts or len(negatives) != len(prompts):
+        raise UserError(f"got {len(prompts)} prompts and {len(negatives)} negative prompts; give one, or one each")
     dev, dtype = pipe.device, pipe.dtype
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise, so the same image, on any device
     n = len(prompts) * num_images
@@ -181,15 +203,15 @@ def generate(
     # 2. The noise schedule, and the starting latent: pure noise, or the init image's latent noised to `strength`.
     schedule = sampling.make_schedule(
         scheduler, steps, pipe.scheduler_config, karras=karras, strength=strength if init_image is not None else 1.0
-    )
+    )  # the config was checked at load time and the settings above, so this does not raise
     if init_image is None:
         shape = (n, pipe.unet.config.in_channels, height // factor, width // factor)
         x = torch.randn(shape, generator=generator, dtype=dtype).to(dev) * schedule.init_noise_sigma
     else:
-        image = image_to_tensor(init_image, factor).to(dev, dtype)
+        image = image_to_tensor(init_image, factor).to(dev, vae_dtype(pipe))
         mean, logvar = pipe.vae.encode(image)
         x0 = pipe.vae.config.scaling_factor * sample_latent(mean, logvar, generator)  # draws noise FIRST
-        x0 = x0.expand(n, -1, -1, -1)
+        x0 = x0.to(dtype).expand(n, -1, -1, -1)
         noise = torch.randn(x0.shape, generator=generator, dtype=dtype).to(dev)
         x = sampling.add_noise(schedule, x0, noise)
 
@@ -211,25 +233,31 @@ def generate(
     return [Image.fromarray(img) for img in (images * 255).round().astype(np.uint8)]
 
 
+def vae_dtype(pipe: Pipeline) -> torch.dtype:
+    return pipe.vae.post_quant_conv.weight.dtype  # float32 after an fp16 overflow, else the pipeline's
+
+
 def decode(pipe: Pipeline, x: torch.Tensor) -> np.ndarray:
     """VAE decode -> float32 (N, H, W, 3) in [0, 1]. fp16 decodes can overflow to inf/NaN (black images) on the
     SD 1.5 VAE: if that happens, say so and decode again in float32."""
     scale = pipe.vae.config.scaling_factor  # LDM trained the UNet on latents * scale (about unit variance)
-    pixels = pipe.vae.decode(x / scale)
-    if pipe.dtype == torch.float16 and not torch.isfinite(pixels).all():
+    pixels = pipe.vae.decode((x / scale).to(vae_dtype(pipe)))
+    if pixels.dtype == torch.float16 and not torch.isfinite(pixels).all():
         print("minsd: the float16 VAE decode overflowed; decoding again in float32", file=sys.stderr)
         pipe.vae.float()  # and keep it so: the next images would overflow too
         pixels = pipe.vae.decode(x.float() / scale)
     return (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def check_settings(scheduler, karras, steps, guidance_scale, height, width, num_images, strength, factor) -> None:
+def check_settings(*, scheduler, karras, steps, guidance_scale, height, width, num_images, clip_skip, img2img,
+                   strength, eta, factor: int, clip_layers: int) -> None:  # fmt: skip
+    """Every user setting is checked before any work, each failure a one-line UserError."""
     if scheduler not in sampling.SAMPLERS:
         raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(sampling.SAMPLERS)}")
     if karras and scheduler not in sampling.KARRAS_SAMPLERS:
         raise UserError(f"--karras works with {', '.join(sampling.KARRAS_SAMPLERS)}, not {scheduler}")
-    if steps < 1:
-        raise UserError(f"steps must be at least 1, got {steps}")
+    if not 1 <= steps <= MAX_STEPS:
+        raise UserError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
     if guidance_scale < 0:
         raise UserError(f"guidance scale must be >= 0 (1 disables guidance), got {guidance_scale}")
     for name, size in (("height", height), ("width", width)):
@@ -239,6 +267,12 @@ def check_settings(scheduler, karras, steps, guidance_scale, height, width, num_
         raise UserError(f"num_images must be between 1 and 64, got {num_images}")
     if not 0 < strength <= 1:
         raise UserError(f"strength must be in (0, 1], got {strength}")
+    if img2img and int(steps * strength) < 1:
+        raise UserError(f"steps x strength = {steps * strength:g} < 1 leaves no step to run; raise either")
+    if clip_skip is not None and not 0 <= clip_skip < clip_layers:
+        raise UserError(f"clip skip must be between 0 and {clip_layers - 1} for this text encoder, got {clip_skip}")
+    if not 0 <= eta <= 1:
+        raise UserError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {eta}")
 
 
 # ----------------------------------------------------------------------------- PNG metadata
@@ -269,9 +303,14 @@ def parameters_text(args: argparse.Namespace, width: int, height: int) -> str:
         "Denoising strength": args.strength if args.init_image else None,
         "Eta": args.eta if args.eta else None,
     }
-    pairs = ", ".join(f"{k}: {json.dumps(v) if ',' in str(v) else v}" for k, v in fields.items() if v is not None)
+    pairs = ", ".join(f"{k}: {a1111_value(v)}" for k, v in fields.items() if v is not None)
     negative = f"\nNegative prompt: {args.negative_prompt}" if args.negative_prompt else ""
     return f"{args.prompt}{negative}\n{pairs}"
+
+
+def a1111_value(value: object) -> str:
+    text = str(value)  # A1111 quotes a value that holds its separators (JSON string syntax)
+    return json.dumps(text) if any(c in text for c in ",:\n") else text
 
 
 def read_parameters(text: str) -> dict[str, str]:
@@ -283,7 +322,7 @@ def read_parameters(text: str) -> dict[str, str]:
         if line.startswith("Negative prompt: "):
             key, line = "negative_prompt", line.removeprefix("Negative prompt: ")
         out[key] = line if not out[key] else out[key] + "\n" + line
-    # "Key: value" pairs; a value with a comma is JSON-quoted.
+    # "Key: value" pairs; a value with a comma, colon or newline is JSON-quoted.
     for k, v in re.findall(r'\s*([\w ]+): ("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)', last):
         out[k] = json.loads(v) if v.startswith('"') else v
     return out
@@ -376,21 +415,19 @@ def save_png(image: Image.Image, path: Path, parameters: str) -> None:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
 
 
-# The CLI flags that are generate() arguments of the same name.
-GENERATE_OPTIONS = (
-    "negative_prompt",
-    "scheduler",
-    "karras",
-    "steps",
-    "guidance_scale",
-    "height",
-    "width",
-    "seed",
-    "num_images",
-    "clip_skip",
-    "strength",
-    "eta",
-)
+def check_device(name: str | None) -> torch.device:
+    try:
+        device = pick_device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use cuda, cuda:N, mps or cpu") from None
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    if not available.get(device.type, False):
+        raise UserError(f"device {name!r} is not available on this machine; use --device cpu")
+    return device
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -400,20 +437,43 @@ def main(argv: list[str] | None = None) -> int:
         # Cheap checks first, so a typo costs no model loading. The size is checked against SD 1.5's VAE factor
         # here and against the loaded VAE in generate().
         a = args
-        check_settings(a.scheduler, a.karras, a.steps, a.guidance_scale, a.height, a.width, a.num_images, a.strength, 8)
-        if args.clip_skip is not None and args.clip_skip < 0:
-            raise UserError(f"clip skip must be >= 0, got {args.clip_skip}")
+        check_settings(
+            scheduler=a.scheduler,
+            karras=a.karras,
+            steps=a.steps,
+            guidance_scale=a.guidance_scale,
+            height=a.height,
+            width=a.width,
+            num_images=a.num_images,
+            clip_skip=a.clip_skip,
+            img2img=a.init_image is not None,
+            strength=a.strength,
+            eta=a.eta,
+            factor=8,
+            clip_layers=12,
+        )
         paths = output_paths(args.output, args.num_images, args.seed)
         init = open_image(args.init_image) if args.init_image else None  # before loading the model
-        try:
-            device = pick_device(args.device)
-        except RuntimeError:
-            raise UserError(f"unknown device {args.device!r}; use cuda, mps or cpu") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError("--device cuda requested but no CUDA GPU is available; use --device cpu")
+        device = check_device(args.device)
         pipe = load_pipeline(args.model, str(device), DTYPES.get(args.dtype))
-        settings = {name: getattr(args, name) for name in GENERATE_OPTIONS}
-        images = generate(pipe, args.prompt, init_image=init, progress=not args.quiet, **settings)
+        images = generate(
+            pipe,
+            a.prompt,
+            a.negative_prompt,
+            a.scheduler,
+            a.karras,
+            a.steps,
+            a.guidance_scale,
+            a.height,
+            a.width,
+            a.seed,
+            a.num_images,
+            a.clip_skip,
+            init,
+            a.strength,
+            a.eta,
+            progress=not a.quiet,
+        )
         for image, path in zip(images, paths, strict=True):
             save_png(image, path, parameters_text(args, *image.size))
     except (UserError, WeightsError) as e:

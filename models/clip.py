@@ -129,5 +129,5 @@ class CLIPTextModel(nn.Module):
 def load_text_encoder(folder: Path, dtype: torch.dtype | None = None, device=None) -> CLIPTextModel:
     """The text encoder of a Diffusers-layout folder (`text_encoder/config.json` + `model.safetensors`)."""
     cfg = read_config(CLIPTextConfig, folder / "text_encoder" / "config.json")
-    path = weights_file(folder, "text_encoder", half=dtype in (torch.float16, torch.bfloat16))
+    path = weights_file(folder, "text_encoder", half=dtype == torch.float16)
     return build(CLIPTextModel, cfg, load_safetensors(path), str(path), dtype=dtype, device=device)

@@ -113,8 +113,11 @@ def build(
     the file (`source`) and the first offending keys. `dtype` converts floating tensors (fp16 files can run in
     fp32 and back); `device` moves them. Without either, the mmapped tensors are used as they are.
     """
-    with torch.device("meta"):
-        model = module_cls(config)
+    try:
+        with torch.device("meta"):
+            model = module_cls(config)
+    except ValueError as e:  # e.g. a block type SD 1.5 does not have
+        raise WeightsError(f"{source}: the model's config.json is not supported: {e}") from None
     expected = model.state_dict()
     state = _fix_keys(state)
     missing = [k for k in expected if k not in state]
@@ -162,7 +165,8 @@ CONFIG_FILES = [
 
 
 def weights_file(folder: Path, component: str, half: bool) -> Path:
-    """The safetensors file of a component, preferring the `.fp16` variant when running in half precision."""
+    """The safetensors file of a component, preferring the `.fp16` variant when running in float16 (bfloat16
+    reads the float32 file: going through fp16 would round twice)."""
     stem = folder / component / COMPONENT_WEIGHTS[component]
     candidates = [stem.with_name(stem.name + ".fp16.safetensors")] if half else []
     candidates.append(stem.with_name(stem.name + ".safetensors"))
@@ -191,16 +195,20 @@ def resolve_model(model: str, half: bool = False) -> Path:
 
 
 def _download(repo_id: str, half: bool) -> Path:
+    """Configs, tokenizer files and the weights generation needs: the `.fp16` files in half precision (falling
+    back to the float32 file of a component that has none), else the float32 ones."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
-    patterns = list(CONFIG_FILES)
-    for component, stem in COMPONENT_WEIGHTS.items():
-        patterns.append(f"{component}/{stem}.safetensors")
-        if half:
-            patterns.append(f"{component}/{stem}.fp16.safetensors")
+    suffix = ".fp16.safetensors" if half else ".safetensors"
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        patterns = CONFIG_FILES + [f"{c}/{stem}{suffix}" for c, stem in COMPONENT_WEIGHTS.items()]
+        folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        missing = [c for c, stem in COMPONENT_WEIGHTS.items() if not (folder / c / f"{stem}{suffix}").is_file()]
+        if half and missing:
+            patterns = [f"{c}/{COMPONENT_WEIGHTS[c]}.safetensors" for c in missing]
+            folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        return folder
     except LocalEntryNotFoundError:
         raise WeightsError(
             f"cannot download {repo_id}: no network connection (or HF_HUB_OFFLINE=1) and no cached copy; "

@@ -308,5 +308,5 @@ def load_unet(folder: Path, dtype: torch.dtype | None = None, device: torch.devi
     (the `.fp16` file when running in half precision and the folder has one)."""
     folder = Path(folder)
     config = read_config(UNetConfig, folder / "unet" / "config.json")
-    path = weights_file(folder, "unet", half=dtype in (torch.float16, torch.bfloat16))
+    path = weights_file(folder, "unet", half=dtype == torch.float16)
     return build(UNet, config, load_safetensors(path), str(path), dtype=dtype, device=device)

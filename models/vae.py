@@ -194,5 +194,5 @@ def sample_latent(mean: Tensor, logvar: Tensor, generator: torch.Generator | Non
 def load_vae(folder: Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> AutoencoderKL:
     """The VAE of a Diffusers-layout model folder (`vae/config.json` + safetensors), built without a random init."""
     config = read_config(VAEConfig, folder / "vae" / "config.json")
-    path = weights_file(folder, "vae", half=dtype in (torch.float16, torch.bfloat16))
+    path = weights_file(folder, "vae", half=dtype == torch.float16)
     return build(AutoencoderKL, config, load_safetensors(path), str(path), dtype=dtype, device=device)

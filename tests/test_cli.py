@@ -3,6 +3,7 @@ one-line error with exit code 2 (no traceback, no output file) for each kind of 
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -126,7 +127,7 @@ def test_parameters_round_trip_with_commas_and_newlines():
         karras=False,
         guidance_scale=7.5,
         seed=1,
-        model="org/name",
+        model="C:/models/sd, v1.5",
         num_images=1,
         clip_skip=None,
         init_image=None,
@@ -142,7 +143,7 @@ def test_parameters_round_trip_with_commas_and_newlines():
         "CFG scale": "7.5",
         "Seed": "1",
         "Size": "512x768",
-        "Model": "org/name",
+        "Model": "C:/models/sd, v1.5",
     }
 
 
@@ -159,13 +160,17 @@ def broken_dirs(tiny_model_dir, tmp_path_factory):
     missing = root / "missing"
     shutil.copytree(tiny_model_dir, missing)
     (missing / "unet" / "diffusion_pytorch_model.safetensors").unlink()
-    return wrong, missing
+    vpred = root / "vpred"  # a v-prediction scheduler config (SD 2.x style), which our samplers do not implement
+    shutil.copytree(tiny_model_dir, vpred)
+    config_path = vpred / "scheduler" / "scheduler_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "prediction_type": "v_prediction"}))
+    return {"wrong": wrong, "missing": missing, "vpred": vpred}
 
 
 BAD_INPUTS = {
     "height": (["--height", "500"], "height must be a multiple of 8"),
     "width": (["--width", "8192"], "width must be a multiple of 8 between 8 and 4096"),
-    "steps": (["--steps", "0"], "steps must be at least 1"),
+    "steps": (["--steps", "0"], "steps must be between 1 and 999, got 0"),
     "strength-high": (["--strength", "1.5"], "strength must be in (0, 1]"),
     "strength-zero": (["--strength", "0"], "strength must be in (0, 1]"),
     "guidance": (["--guidance-scale", "-1"], "guidance scale must be >= 0"),
@@ -180,6 +185,12 @@ BAD_INPUTS = {
     "pickle": (["--model", "{tmp}/model.ckpt"], "pickles, which can run arbitrary code"),
     "karras-ddim": (["--scheduler", "ddim", "--karras"], "karras"),
     "steps-not-int": (["--steps", "x"], "argument --steps: invalid int value"),
+    "steps-too-many": (["--steps", "1000"], "steps must be between 1 and 999"),
+    "eta": (["--scheduler", "ddim", "--eta", "1.5"], "eta must be in [0, 1]"),
+    "clip-skip": (["--clip-skip", "3"], "clip skip must be between 0 and 2"),
+    "device": (["--device", "cuda:7"], "is not available on this machine"),
+    "unknown-device": (["--device", "gpu"], "unknown device 'gpu'"),
+    "scheduler-config": (["--model", "{vpred}"], "unsupported scheduler/scheduler_config.json"),
 }
 
 
@@ -187,7 +198,7 @@ def bad_input_args(case: str, tiny_model_dir: Path, broken_dirs, tmp_path: Path)
     (tmp_path / "garbage.png").write_bytes(b"not an image")
     (tmp_path / "model.ckpt").write_bytes(b"\x80\x04 pretend pickle")
     extra, _ = BAD_INPUTS[case]
-    fill = {"tmp": tmp_path, "wrong": broken_dirs[0], "missing": broken_dirs[1]}
+    fill = {"tmp": tmp_path, **broken_dirs}
     extra = [a.format(**fill) for a in extra]
     model = [] if "--model" in extra else ["--model", str(tiny_model_dir)]
     out = tmp_path / "out.png"
@@ -195,7 +206,7 @@ def bad_input_args(case: str, tiny_model_dir: Path, broken_dirs, tmp_path: Path)
         "--prompt",
         "x",
         "--steps",
-        "1",
+        "2",
         "--height",
         "16",
         "--width",

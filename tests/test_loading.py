@@ -94,8 +94,13 @@ def test_missing_local_folder(tmp_path):
 def test_fp16_variant_preferred_for_half(tiny_model_dir, tmp_path):
     path = copy_text_encoder(tiny_model_dir, tmp_path)
     state = {k: v.half() if v.is_floating_point() else v for k, v in load_file(path).items()}
+    state["text_model.final_layer_norm.weight"].fill_(2.0)  # marks which file was read
     save_file(state, path.with_name("model.fp16.safetensors"))
-    assert load_text_encoder(tmp_path, dtype=torch.float16).final_layer_norm.weight.dtype == torch.float16
+    weight = load_text_encoder(tmp_path, dtype=torch.float16).final_layer_norm.weight
+    assert weight.dtype == torch.float16 and bool((weight == 2.0).all())
+    for dtype in (torch.bfloat16, torch.float32, None):  # bf16 reads the fp32 file: no double rounding via fp16
+        weight = load_text_encoder(tmp_path, dtype=dtype).final_layer_norm.weight
+        assert not bool((weight == 2.0).any()) and weight.dtype == (dtype or torch.float32)
     # An fp16 file also loads into fp32 (and the plain file is used when not running in half precision).
     half_only = tmp_path / "half"
     (half_only / "text_encoder").mkdir(parents=True)

@@ -287,6 +287,10 @@ def test_half_precision_vae_overflow_is_redone_in_float32(tiny_model_dir, capsys
     want = (want / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert np.isfinite(got).all()
     assert_images_close(got, want, atol=1e-6)
+    # The float32 VAE stays, and later calls (txt2img and img2img) feed it float32 inputs.
+    images = generate(pipe, "x", steps=1, height=H, width=W, output_type="np", progress=False)
+    images2 = generate(pipe, "x", steps=2, init_image=Image.new("RGB", (W, H)), output_type="np", progress=False)
+    assert np.isfinite(images).all() and np.isfinite(images2).all()
 
 
 def test_bfloat16_runs_close_to_float32(tiny, tiny_model_dir):

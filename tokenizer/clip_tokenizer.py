@@ -86,7 +86,8 @@ class CLIPTokenizer:
             self.encoder = {t: i for i, t in enumerate(tokens)}
         else:
             self.encoder = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
-        assert [self.encoder[s] for s in SPECIALS] == [self.BOS, self.EOS], "not CLIP's vocabulary"
+        if [self.encoder.get(s) for s in SPECIALS] != [self.BOS, self.EOS]:
+            raise ValueError(f"{vocab_path or merges_path} is not CLIP's vocabulary (special tokens differ)")
         self.decoder = {i: t for t, i in self.encoder.items()}
         self.ranks = {pair: rank for rank, pair in enumerate(merges)}
         # word -> ids: prompts reuse a small set of words, so after warm-up most words skip the merge loop
