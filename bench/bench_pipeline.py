@@ -1,0 +1,457 @@
+"""End-to-end text-to-image on the CPU: ours (min_pipeline) against Diffusers' StableDiffusionPipeline, same folder,
+same settings (full-size SD 1.5 random weights, 256x256, Euler, 4 steps, CFG 7.5, fp32, 2 threads by default).
+
+    uv run python bench/bench_pipeline.py                        # builds/reuses /tmp/minsd-bench-sd15 (~4 GB)
+    uv run python bench/bench_pipeline.py --model DIR            # a Diffusers-layout folder (built there if empty)
+    uv run python bench/bench_pipeline.py --malloc-tuned         # also both again with glibc malloc env tuning
+    uv run python bench/bench_pipeline.py --only ours --variants base,mallopt,mallopt+channels_last   # ours only
+
+Every run is a fresh interpreter (subprocess), so load time and peak memory are its own. Peak memory is VmHWM from
+/proc/self/status (exec resets it); ru_maxrss is recorded too but Linux carries the parent's over fork+exec, which
+is why the folder is built in a subprocess of its own and this driver never imports torch.
+
+In each child: load; one untimed warm-up generate at 1 step (it pages in memory-mapped weights, primes oneDNN and
+the allocator; its time is reported as `warm-up`); then the timed generate. Pieces are timed by wrapping, on the
+instances, the text encoder's `forward`, the UNet's `forward` and the VAE's `decode` (the same wrappers for both
+implementations, nothing else patched):
+  text    = text-encoder forward calls (prompt + negative prompt; tokenization excluded)
+  loop    = first UNet call start -> VAE decode start (UNet + CFG + sampler step + per-step overhead); step = loop/steps
+  unet    = sum of the UNet forward calls / steps (so loop - unet is the per-step framework/sampler overhead)
+  decode  = the VAE decode call
+  e2e     = the whole generate / pipe() call (load excluded)
+Then `bare unet`: the UNet alone at batch 2 (the CFG batch), 3 calls, the fastest reported.
+User/sys CPU seconds and minor page faults are getrusage deltas over the timed generate.
+With --repeats N every configuration runs N times (alternating); times are the best of N, memory the worst.
+Switches (ours only): mallopt (set_mallopt below), channels_last (the UNet; _all: the VAE too), bf16 (only on CPUs
+with native bf16, AVX-512 BF16 / AMX: on AVX2-only CPUs PyTorch's bf16 conv and matmul are ~100x slower than fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_FOLDER = Path("/tmp/minsd-bench-sd15")
+PROMPT = "a photograph of an astronaut riding a horse on the moon"
+NEGATIVE = "blurry, low quality"
+MALLOC_ENV = {  # glibc tunables: keep freed activation buffers in the heap instead of unmapping them per op
+    "MALLOC_MMAP_THRESHOLD_": "33554432",
+    "MALLOC_TRIM_THRESHOLD_": "68719476736",
+    "MALLOC_TOP_PAD_": "1073741824",
+}
+SWITCHES = ("mallopt", "channels_last", "channels_last_all", "bf16")  # combine with "+", e.g. mallopt+channels_last
+
+
+def proc_status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def cpu_description() -> str:
+    """Model name and the vector extensions that decide fp32/bf16 speed."""
+    model, flags = platform.machine(), set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+            model = value.strip()
+        elif key.strip() == "flags":
+            flags = set(value.split())
+            break
+    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+    return f"{model} ({', '.join(f for f in wanted if f in flags) or 'no AVX2'})"
+
+
+def set_mallopt() -> bool:
+    """The malloc env tuning done from inside the process, as the `mallopt` switch measures it (the code proposed
+    for min_pipeline). Constants from glibc's malloc.h: M_TRIM_THRESHOLD -1, M_TOP_PAD -2, M_MMAP_THRESHOLD -3.
+    mallopt takes an int, so the trim threshold is INT_MAX (2 GiB) where the env var says 64 GiB; glibc refuses an
+    mmap threshold above 32 MiB on 64-bit (HEAP_MAX_SIZE / 2), the value the env var uses. Returns False where
+    there is no glibc mallopt (mallopt returns 1 on success)."""
+    import ctypes
+
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform.startswith("linux") else None
+    if mallopt is None:
+        return False
+    ok = mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap, not a fresh mmap
+    ok &= mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: (almost) never give the heap top back to the kernel
+    ok &= mallopt(-2, 1 << 30)  # M_TOP_PAD: grow the heap 1 GiB at a time
+    return bool(ok)
+
+
+# ----------------------------------------------------------------------------- child: one implementation, one run
+
+
+class Timers:
+    """Wall-clock (start, end) events of wrapped callables."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, float, float]] = []
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.events.append((name, t0, time.perf_counter()))
+            return out
+
+        return timed
+
+    def of(self, name: str) -> list[tuple[float, float]]:
+        return [(a, b) for n, a, b in self.events if n == name]
+
+
+def child(impl: str, variant: str, args: argparse.Namespace) -> None:
+    parts = set(variant.split("+"))
+    t_start = time.perf_counter()
+    import numpy as np
+    import torch
+
+    # After the imports, before loading: where min_pipeline.main() would call it.
+    if "mallopt" in parts and not set_mallopt():
+        raise RuntimeError("no glibc mallopt here")
+
+    torch.set_num_threads(args.threads)
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" or "bf16" in parts else torch.float32
+    folder = str(args.model)
+    timers = Timers()
+    t_imported = time.perf_counter()
+
+    if impl == "ours":
+        sys.path.insert(0, str(ROOT))
+        import min_pipeline
+
+        pipe = min_pipeline.load_pipeline(folder, "cpu", dtype)
+        unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+
+        def run(steps: int):
+            return min_pipeline.generate(
+                pipe,
+                PROMPT,
+                NEGATIVE,
+                scheduler="euler",
+                steps=steps,
+                guidance_scale=args.cfg,
+                height=args.size,
+                width=args.size,
+                seed=0,
+                output_type="np",
+                progress=False,
+            )
+
+        def bare(x, t, ctx):
+            return unet(x, t, ctx)
+    else:
+        from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None)
+        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+
+        def run(steps: int):
+            return pipe(
+                PROMPT,
+                negative_prompt=NEGATIVE,
+                num_inference_steps=steps,
+                guidance_scale=args.cfg,
+                height=args.size,
+                width=args.size,
+                generator=torch.Generator().manual_seed(0),
+                output_type="np",
+            ).images
+
+        def bare(x, t, ctx):
+            return unet(x, t, encoder_hidden_states=ctx).sample
+
+    t_loaded = time.perf_counter()
+
+    if "channels_last" in parts or "channels_last_all" in parts:
+        unet.to(memory_format=torch.channels_last)
+    if "channels_last_all" in parts:
+        vae.to(memory_format=torch.channels_last)
+
+    text_encoder.forward = timers.wrap("text", text_encoder.forward)
+    unet.forward = timers.wrap("unet", unet.forward)
+    vae.decode = timers.wrap("decode", vae.decode)
+
+    t0 = time.perf_counter()
+    run(1)  # warm-up, untimed in the figures below
+    warmup_s = time.perf_counter() - t0
+    rss_after_warmup = proc_status_mb("VmRSS")
+
+    timers.events.clear()
+    ru0, load0 = resource.getrusage(resource.RUSAGE_SELF), os.getloadavg()[0]
+    t0 = time.perf_counter()
+    images = run(args.steps)
+    t1 = time.perf_counter()
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    unet_calls, (decode_call,) = timers.of("unet"), timers.of("decode")
+    assert len(unet_calls) == args.steps, f"{len(unet_calls)} UNet calls for {args.steps} steps"
+    loop_s = decode_call[0] - unet_calls[0][0]
+
+    # The UNet alone on the CFG batch: framework overhead = step - bare unet.
+    gen = torch.Generator().manual_seed(1)
+    latent = args.size // 8
+    x = torch.randn(2, 4, latent, latent, generator=gen).to(dtype)
+    ctx = torch.randn(2, 77, text_encoder.config.hidden_size, generator=gen).to(dtype)
+    bare_times = []
+    with torch.inference_mode():
+        for _ in range(3):
+            b0 = time.perf_counter()
+            bare(x, torch.tensor(500.0), ctx)
+            bare_times.append(time.perf_counter() - b0)
+
+    out_dir = Path(args.images_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    image_path = out_dir / f"{impl}-{variant}-{args.dtype}-{os.getpid()}.npy"
+    np.save(image_path, np.asarray(images, dtype=np.float32))
+    result = dict(
+        impl=impl,
+        variant=variant,
+        dtype=str(dtype).removeprefix("torch."),
+        threads=torch.get_num_threads(),
+        malloc_env={k: os.environ[k] for k in MALLOC_ENV if k in os.environ},
+        import_s=t_imported - t_start,
+        load_s=t_loaded - t_imported,
+        warmup_s=warmup_s,
+        text_s=sum(b - a for a, b in timers.of("text")),
+        pre_loop_s=unet_calls[0][0] - t0,
+        loop_s=loop_s,
+        step_s=loop_s / args.steps,
+        unet_s=sum(b - a for a, b in unet_calls) / args.steps,
+        decode_s=decode_call[1] - decode_call[0],
+        post_s=t1 - decode_call[1],
+        e2e_s=t1 - t0,
+        bare_unet_s=min(bare_times),
+        bare_unet_all=bare_times,
+        unet_calls=[b - a for a, b in unet_calls],
+        text_calls_s=[b - a for a, b in timers.of("text")],
+        user_s=ru1.ru_utime - ru0.ru_utime,
+        sys_s=ru1.ru_stime - ru0.ru_stime,
+        minflt=ru1.ru_minflt - ru0.ru_minflt,
+        vm_hwm_mb=proc_status_mb("VmHWM"),
+        ru_maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        rss_after_warmup_mb=rss_after_warmup,
+        rss_anon_mb=proc_status_mb("RssAnon"),  # at the end: private memory
+        rss_file_mb=proc_status_mb("RssFile"),  # at the end: mapped file pages (our memory-mapped weights)
+        loadavg_before=load0,
+        loadavg_after=os.getloadavg()[0],
+        image=str(image_path),
+    )
+    print(json.dumps(result))
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_child(impl: str, variant: str, malloc_env: bool, args: argparse.Namespace) -> dict:
+    env = dict(os.environ)
+    for k in MALLOC_ENV:
+        env.pop(k, None)
+    if malloc_env:
+        env.update(MALLOC_ENV)
+    cmd = [
+        sys.executable,
+        __file__,
+        "--child",
+        impl,
+        "--variant",
+        variant,
+        "--model",
+        str(args.model),
+        "--threads",
+        str(args.threads),
+        "--dtype",
+        args.dtype,
+        "--size",
+        str(args.size),
+        "--steps",
+        str(args.steps),
+        "--cfg",
+        str(args.cfg),
+        "--images-dir",
+        str(args.images_dir),
+    ]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.child_timeout)
+    except subprocess.TimeoutExpired:
+        sys.exit(f"{impl}/{variant} took over {args.child_timeout} s (--child-timeout); stopped")
+    if proc.returncode != 0:
+        sys.exit(f"{impl}/{variant} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+COLUMNS = (  # key, header, format
+    ("load_s", "load", "{:.2f}"),
+    ("warmup_s", "warm-up", "{:.2f}"),
+    ("text_s", "text", "{:.3f}"),
+    ("step_s", "s/step", "{:.2f}"),
+    ("unet_s", "unet/step", "{:.2f}"),
+    ("bare_unet_s", "bare unet", "{:.2f}"),
+    ("decode_s", "decode", "{:.2f}"),
+    ("e2e_s", "e2e", "{:.2f}"),
+    ("user_s", "user", "{:.1f}"),
+    ("sys_s", "sys", "{:.1f}"),
+    ("minflt", "minflt", "{:.0f}"),
+    ("vm_hwm_mb", "peak MB", "{:.0f}"),
+)
+HIGHER_IS_WORSE_MEMORY = {"vm_hwm_mb", "ru_maxrss_mb", "minflt"}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Best of the repeats for times, worst for memory and faults."""
+    out = dict(runs[0])
+    for key, _, _ in COLUMNS + (
+        ("ru_maxrss_mb", "", ""),
+        ("import_s", "", ""),
+        ("loop_s", "", ""),
+        ("pre_loop_s", "", ""),
+        ("post_s", "", ""),
+    ):
+        values = [r[key] for r in runs]
+        out[key] = max(values) if key in HIGHER_IS_WORSE_MEMORY else min(values)
+    out["loadavg"] = [round(r["loadavg_before"], 2) for r in runs]
+    out["runs"] = runs
+    return out
+
+
+def print_table(title: str, rows: list[tuple[str, dict]], ratio_of: tuple[str, str] | None = None) -> None:
+    print(f"\n{title}")
+    print(f"{'':<30}" + "".join(f"{h:>10}" for _, h, _ in COLUMNS) + "   load avg")
+    for name, r in rows:
+        cells = "".join(f"{fmt.format(r[k]):>10}" for k, _, fmt in COLUMNS)
+        print(f"{name:<30}{cells}   {r['loadavg']}")
+    if ratio_of:
+        a, b = (dict(rows)[n] for n in ratio_of)
+        cells = "".join(f"{a[k] / b[k]:>10.2f}" if b[k] else f"{'':>10}" for k, _, _ in COLUMNS)
+        print(f"{'ratio ours/diffusers':<30}{cells}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=DEFAULT_FOLDER,
+        help=f"Diffusers-layout SD 1.5 folder, built with random weights if incomplete ({DEFAULT_FOLDER})",
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--cfg", type=float, default=7.5)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per configuration (best time, worst memory)")
+    parser.add_argument("--malloc-tuned", action="store_true", help="also run both with the glibc malloc env vars")
+    parser.add_argument("--only", choices=["ours", "diffusers"], help="run one implementation")
+    parser.add_argument(
+        "--variants",
+        default="base",
+        help=f"comma-separated: base, or switches (ours only) {', '.join(SWITCHES)} joined by +",
+    )
+    parser.add_argument("--child-timeout", type=float, default=600, help="seconds allowed to one run")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--child", choices=["ours", "diffusers", "build"], help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="base", help=argparse.SUPPRESS)
+    parser.add_argument("--images-dir", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child == "build":
+        sys.path.insert(0, str(ROOT / "tests"))
+        from conftest import build_model_folder  # the test fixtures' builder: official layout and names
+
+        args.model.mkdir(parents=True, exist_ok=True)
+        build_model_folder(args.model, {}, {}, {})
+        return
+    if args.child:
+        return child(args.child, args.variant, args)
+
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if bad := [v for v in variants if v != "base" and not set(v.split("+")) <= set(SWITCHES)]:
+        parser.error(f"unknown variants {bad}: give base, or switches from {SWITCHES} joined by +")
+    if not (args.model / "model_index.json").is_file():  # written last by the builder
+        print(f"building a random-weight SD 1.5 folder in {args.model} ...", flush=True)
+        subprocess.run([sys.executable, __file__, "--child", "build", "--model", str(args.model)], check=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.images_dir = args.out / f"images-{stamp}"
+
+    configs: list[tuple[str, str, bool]] = []  # (impl, variant, malloc env)
+    impls = [args.only] if args.only else ["ours", "diffusers"]
+    for env in (False, True) if args.malloc_tuned else (False,):
+        for impl in impls:
+            for variant in variants:
+                if variant == "base" or impl == "ours":
+                    configs.append((impl, variant, env))
+
+    print(
+        f"{cpu_description()}, {os.cpu_count()} CPUs, load average now "
+        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; {args.size}x{args.size}, {args.steps} Euler steps, "
+        f"CFG {args.cfg}, {args.dtype}, {args.threads} threads, {args.repeats} repeat(s); folder {args.model}",
+        flush=True,
+    )
+    raw: dict[tuple[str, str, bool], list[dict]] = {c: [] for c in configs}
+    for _ in range(args.repeats):
+        for config in configs:  # all configurations once per round, so drifting load hits each alike
+            t0 = time.perf_counter()
+            raw[config].append(run_child(*config, args))
+            print(
+                f"  {config[0]:<9} {config[1]:<28} {'malloc env' if config[2] else '':<10} "
+                f"{time.perf_counter() - t0:5.1f} s wall, load {os.getloadavg()[0]:.2f}",
+                flush=True,
+            )
+
+    import numpy as np  # only now: the children are done
+
+    def name(c):
+        return f"{c[0]}{'' if c[1] == 'base' else ' ' + c[1]}{' [malloc env]' if c[2] else ''}"
+
+    summary = {c: summarize(rs) for c, rs in raw.items()}
+    ref_config = ("ours", "base", False) if ("ours", "base", False) in summary else configs[0]
+    ref_image = np.load(summary[ref_config]["image"])
+    for s in summary.values():
+        s["max_abs_diff_vs_reference"] = float(np.abs(np.load(s["image"]) - ref_image).max())
+
+    print(
+        f"\ntimes in s (best of {args.repeats}), memory = VmHWM in MB; user/sys CPU s and minor faults over the "
+        "timed generate; e2e excludes load"
+    )
+    for env in (False, True) if args.malloc_tuned else (False,):
+        rows = [(name(c), s) for c, s in summary.items() if c[2] == env and c[1] == "base"]
+        if not rows or (args.only and len(variants) > 1):
+            continue  # nothing to compare; the base row is in the switches table
+        both = {n for n, _ in rows} == {name(("ours", "base", env)), name(("diffusers", "base", env))}
+        title = "glibc malloc env tuning" if env else "default environment"
+        print_table(title, rows, (name(("ours", "base", env)), name(("diffusers", "base", env))) if both else None)
+    others = [(name(c), s) for c, s in summary.items() if c[1] != "base"]
+    if others:
+        base = [(name(c), s) for c, s in summary.items() if c[0] == "ours" and c[1] == "base" and not c[2]]
+        print_table("ours: switches", base + others)
+    if len(summary) > 1:
+        print(
+            f"\nmax |image - image of {name(ref_config)}| in [0, 1]: "
+            + ", ".join(
+                f"{name(c)} {s['max_abs_diff_vs_reference']:.2e}" for c, s in summary.items() if c != ref_config
+            )
+        )
+
+    path = args.out / f"pipeline-{stamp}.json"
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("child",)}
+    settings["cpu"] = cpu_description()
+    path.write_text(
+        json.dumps({"settings": settings, "results": [{"config": name(c), **s} for c, s in summary.items()]}, indent=1)
+    )
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
