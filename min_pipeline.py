@@ -78,10 +78,13 @@ def load_pipeline(
     Diffusers-layout folder `config`).
 
     dtype defaults to float16 on CUDA (half the memory, tensor cores) and float32 elsewhere (CPUs have no fast
-    fp16 matmul; bfloat16 is allowed and about twice as fast on CPUs with AVX-512 BF16).
+    fp16 matmul). bfloat16 is allowed; on a CPU it is only worth it with AVX-512 (BF16/AMX): on an AVX2-only
+    CPU a bf16 convolution measured about 100x slower than fp32 (bench/README.md), so that case gets a warning.
     """
     dev = pick_device(device)
     dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+    if dev.type == "cpu" and dtype == torch.bfloat16 and "AVX512" not in torch.backends.cpu.get_cpu_capability():
+        print("minsd: warning: bfloat16 on a CPU without AVX-512 is very slow; use --dtype float32", file=sys.stderr)
     path = resolve_model(model, half=dtype == torch.float16)
     config_dir = Path(config) if config else (None if path.is_file() else path)
     if path.is_file():
@@ -430,6 +433,22 @@ def check_device(name: str | None) -> torch.device:
     return device
 
 
+def tune_malloc() -> None:
+    """Keep glibc from handing freed activation buffers back to the kernel between UNet calls (each step would
+    otherwise page-fault its ~1 GB of activations back in): -20% per CPU step measured in bench/README.md, +0.1 GB
+    peak RSS. glibc's mallopt(param, value) with M_MMAP_THRESHOLD -3, M_TRIM_THRESHOLD -1, M_TOP_PAD -2 (malloc.h);
+    the same as MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=... in the environment. A no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # absent with musl
+    if mallopt is not None:
+        mallopt(-3, 32 << 20)  # blocks up to 32 MiB (glibc's maximum) come from the heap, not a fresh mmap
+        mallopt(-1, 2**31 - 1)  # (almost) never trim the heap top
+        mallopt(-2, 1 << 30)  # grow the heap 1 GiB at a time
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
@@ -455,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
         paths = output_paths(args.output, args.num_images, args.seed)
         init = open_image(args.init_image) if args.init_image else None  # before loading the model
         device = check_device(args.device)
+        if device.type == "cpu":
+            tune_malloc()  # -20% per step on the CPU (bench/README.md)
         pipe = load_pipeline(args.model, str(device), DTYPES.get(args.dtype))
         images = generate(
             pipe,

@@ -22,8 +22,9 @@ implementations, nothing else patched):
 Then `bare unet`: the UNet alone at batch 2 (the CFG batch), 3 calls, the fastest reported.
 User/sys CPU seconds and minor page faults are getrusage deltas over the timed generate.
 With --repeats N every configuration runs N times (alternating); times are the best of N, memory the worst.
-Switches (ours only): mallopt (set_mallopt below), channels_last (the UNet; _all: the VAE too), bf16 (only on CPUs
-with native bf16, AVX-512 BF16 / AMX: on AVX2-only CPUs PyTorch's bf16 conv and matmul are ~100x slower than fp32).
+Switches (ours only): mallopt (min_pipeline.tune_malloc, which the CLI calls on the CPU), channels_last (the UNet;
+_all: the VAE too), bf16 (only on CPUs with native bf16, AVX-512 BF16 / AMX: on AVX2-only CPUs PyTorch's bf16 conv
+and matmul are ~100x slower than fp32).
 """
 
 from __future__ import annotations
@@ -71,23 +72,6 @@ def cpu_description() -> str:
     return f"{model} ({', '.join(f for f in wanted if f in flags) or 'no AVX2'})"
 
 
-def set_mallopt() -> bool:
-    """The malloc env tuning done from inside the process, as the `mallopt` switch measures it (the code proposed
-    for min_pipeline). Constants from glibc's malloc.h: M_TRIM_THRESHOLD -1, M_TOP_PAD -2, M_MMAP_THRESHOLD -3.
-    mallopt takes an int, so the trim threshold is INT_MAX (2 GiB) where the env var says 64 GiB; glibc refuses an
-    mmap threshold above 32 MiB on 64-bit (HEAP_MAX_SIZE / 2), the value the env var uses. Returns False where
-    there is no glibc mallopt (mallopt returns 1 on success)."""
-    import ctypes
-
-    mallopt = getattr(ctypes.CDLL(None), "mallopt", None) if sys.platform.startswith("linux") else None
-    if mallopt is None:
-        return False
-    ok = mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: blocks up to 32 MiB come from the heap, not a fresh mmap
-    ok &= mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: (almost) never give the heap top back to the kernel
-    ok &= mallopt(-2, 1 << 30)  # M_TOP_PAD: grow the heap 1 GiB at a time
-    return bool(ok)
-
-
 # ----------------------------------------------------------------------------- child: one implementation, one run
 
 
@@ -116,9 +100,12 @@ def child(impl: str, variant: str, args: argparse.Namespace) -> None:
     import numpy as np
     import torch
 
-    # After the imports, before loading: where min_pipeline.main() would call it.
-    if "mallopt" in parts and not set_mallopt():
-        raise RuntimeError("no glibc mallopt here")
+    # After the imports, before loading: where min_pipeline.main() calls it.
+    if "mallopt" in parts:
+        sys.path.insert(0, str(ROOT))
+        from min_pipeline import tune_malloc
+
+        tune_malloc()
 
     torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if args.dtype == "bfloat16" or "bf16" in parts else torch.float32

@@ -238,8 +238,8 @@ def test_img2img_matches_diffusers(tiny, sampler, strength):
 
 @pytest.mark.parametrize("sampler", ["euler", "ddim"])
 def test_sd15_txt2img_matches_diffusers(sd15_model_dir, sampler):
-    """The true SD 1.5 configs (random weights): 256x256, 4 steps, CFG 7.5. atol 1e-3 on [0, 1] pixels: fp32
-    round-off through 860M parameters and four UNet calls, still far below one 8-bit level (3.9e-3)."""
+    """The true SD 1.5 configs (random weights): 256x256, 4 steps, CFG 7.5. atol 1e-4 on [0, 1] pixels, as for the
+    tiny model (measured: bit-identical on an x86 CPU, since both run the same kernels in the same order)."""
     ours = load_pipeline(str(sd15_model_dir), device="cpu", dtype=torch.float32)
     got = generate(
         ours,
@@ -264,7 +264,8 @@ def test_sd15_txt2img_matches_diffusers(sd15_model_dir, sampler):
         generator=torch.Generator().manual_seed(0),
         output_type="np",
     ).images
-    assert_images_close(got, want, atol=1e-3)
+    assert float(((want <= 0) | (want >= 1)).mean()) < 0.05  # not a saturated image, where any error would hide
+    assert_images_close(got, want, atol=1e-4)
 
 
 def test_half_precision_vae_overflow_is_redone_in_float32(tiny_model_dir, capsys):
@@ -303,3 +304,10 @@ def test_bfloat16_runs_close_to_float32(tiny, tiny_model_dir):
     got, want = generate(pipe, PROMPTS[0], **kwargs), generate(ours, PROMPTS[0], **kwargs)
     assert got.dtype == np.float32
     assert_images_close(got, want, atol=0.1)
+
+
+@pytest.mark.parametrize("capability, warns", [("AVX2", True), ("AVX512", False)])
+def test_bfloat16_on_a_cpu_without_avx512_warns(tiny_model_dir, monkeypatch, capsys, capability, warns):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    load_pipeline(str(tiny_model_dir), device="cpu", dtype=torch.bfloat16)
+    assert ("bfloat16 on a CPU without AVX-512 is very slow" in capsys.readouterr().err) == warns
