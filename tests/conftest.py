@@ -14,6 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -152,3 +153,35 @@ def sd15_model_dir(tmp_path_factory) -> Path:
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> str:
     return f"max abs diff {(a.double() - b.double()).abs().max().item():.3g}"
+
+
+# ----------------------------------------------------------------------------- Diffusers pipelines as the reference
+
+DIFFUSERS_SCHEDULERS = {
+    "euler": "EulerDiscreteScheduler",
+    "euler_a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "dpmpp_2m": "DPMSolverMultistepScheduler",
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+}
+
+
+def with_scheduler(ref, name: str, karras: bool = False):
+    """The common Diffusers idiom: <Class>.from_config(pipe.scheduler.config) on a pipeline as loaded. Always from
+    the config as loaded (kept in `ref.loaded_scheduler_config`), never chained through other classes' configs."""
+    import diffusers
+
+    if not hasattr(ref, "loaded_scheduler_config"):
+        ref.loaded_scheduler_config = ref.scheduler.config  # the PNDM config as loaded
+    cls = getattr(diffusers, DIFFUSERS_SCHEDULERS[name])
+    options = {"use_karras_sigmas": True} if karras else {}
+    ref.scheduler = cls.from_config(ref.loaded_scheduler_config, **options)
+    return ref
+
+
+def assert_images_close(got, want, atol: float) -> None:
+    """Two float32 (N, H, W, 3) arrays in [0, 1] (output_type="np"), whole, at an absolute tolerance."""
+    assert got.shape == want.shape and got.dtype == want.dtype == np.float32, (got.shape, want.shape, got.dtype)
+    g, w = torch.from_numpy(got), torch.from_numpy(want)
+    torch.testing.assert_close(g, w, atol=atol, rtol=0, msg=lambda m: f"{m}\n{max_diff(g, w)}")

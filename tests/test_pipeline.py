@@ -8,17 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import max_diff
+from conftest import DIFFUSERS_SCHEDULERS, assert_images_close, with_scheduler
 from min_pipeline import generate, load_pipeline
 
-DIFFUSERS_SCHEDULERS = {
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "heun": "HeunDiscreteScheduler",
-    "dpmpp_2m": "DPMSolverMultistepScheduler",
-    "ddim": "DDIMScheduler",
-    "ddpm": "DDPMScheduler",
-}
 PROMPTS = ["a red fox in snow", "an astronaut riding a horse, 8k"]
 
 
@@ -27,19 +19,7 @@ def reference_pipeline(folder):
 
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    pipe.loaded_scheduler_config = pipe.scheduler.config  # the PNDM config as loaded from the folder
     return pipe
-
-
-def with_scheduler(ref, name: str, karras: bool = False):
-    """The common Diffusers idiom: <Class>.from_config(pipe.scheduler.config) on a pipeline loaded from a folder.
-    Always from the loaded config: chaining from_config through other classes carries their defaults over."""
-    import diffusers
-
-    cls = getattr(diffusers, DIFFUSERS_SCHEDULERS[name])
-    options = {"use_karras_sigmas": True} if karras else {}
-    ref.scheduler = cls.from_config(ref.loaded_scheduler_config, **options)
-    return ref
 
 
 def clip_skip_embeds(ref, prompts: list[str], clip_skip: int) -> torch.Tensor:
@@ -49,12 +29,6 @@ def clip_skip_embeds(ref, prompts: list[str], clip_skip: int) -> torch.Tensor:
     with torch.no_grad():
         out = ref.text_encoder(ids, output_hidden_states=True)
         return ref.text_encoder.final_layer_norm(out.hidden_states[-(clip_skip + 1)])
-
-
-def assert_images_close(got: np.ndarray, want: np.ndarray, atol: float) -> None:
-    assert got.shape == want.shape and got.dtype == want.dtype == np.float32, (got.shape, want.shape, got.dtype)
-    g, w = torch.from_numpy(got), torch.from_numpy(want)
-    torch.testing.assert_close(g, w, atol=atol, rtol=0, msg=lambda m: f"{m}\n{max_diff(g, w)}")
 
 
 @pytest.fixture(scope="module")
