@@ -23,8 +23,8 @@ Then `bare unet`: the UNet alone at batch 2 (the CFG batch), 3 calls, the fastes
 User/sys CPU seconds and minor page faults are getrusage deltas over the timed generate.
 With --repeats N every configuration runs N times (alternating); times are the best of N, memory the worst.
 Switches (ours only): mallopt (min_pipeline.tune_malloc, which the CLI calls on the CPU), channels_last (the UNet;
-_all: the VAE too), bf16 (only on CPUs with native bf16, AVX-512 BF16 / AMX: on AVX2-only CPUs PyTorch's bf16 conv
-and matmul are ~100x slower than fp32).
+_all: the VAE too), bf16 (PyTorch's bf16 conv and matmul are ~100x slower than fp32 on AVX2-only CPUs and were
+still 1.2-1.5x slower with AVX-512 BF16 but no AMX: see bench/README.md).
 """
 
 from __future__ import annotations
