@@ -32,23 +32,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_pipeline import proc_status_mb  # a line of /proc/self/status in MB (this folder is on sys.path)
+
 ROOT = Path(__file__).resolve().parent.parent
 SINGLE_FILE = "sd15-ldm.safetensors"
-
-
 CHECKPOINTS = {  # --checkpoint -> the file it reads, inside the folder
     "unet": "unet/diffusion_pytorch_model.safetensors",
     "text-encoder": "text_encoder/model.safetensors",
     "single-file": SINGLE_FILE,
 }
-
-
-def rss_mb(field: str) -> float:
-    """A line of /proc/self/status (VmHWM, RssAnon, RssFile) in MB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def loader_for(loader: str, checkpoint: str, folder: Path):
@@ -117,9 +109,9 @@ def child(loader: str, checkpoint: str, folder: Path) -> None:
         checksum=round(total, 3),
         rss_after_import_mb=rss_imported,
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        vm_hwm_mb=rss_mb("VmHWM"),
-        rss_anon_mb=rss_mb("RssAnon"),
-        rss_file_mb=rss_mb("RssFile"),
+        vm_hwm_mb=proc_status_mb("VmHWM"),
+        rss_anon_mb=proc_status_mb("RssAnon"),
+        rss_file_mb=proc_status_mb("RssFile"),
     )
     print(json.dumps(result))
 
@@ -137,12 +129,12 @@ def build(checkpoint: str, folder: Path) -> None:
         write(ldm_state(folder), folder / SINGLE_FILE)
 
 
-def run_child(args: argparse.Namespace, role: str, folder: Path) -> dict | None:
-    cmd = [sys.executable, __file__, "--child", role, "--checkpoint", args.checkpoint, "--model", str(folder)]
-    if role == "build":
-        subprocess.run(cmd, check=True)
-        return None
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+def child_cmd(args: argparse.Namespace, role: str, folder: Path) -> list[str]:
+    return [sys.executable, __file__, "--child", role, "--checkpoint", args.checkpoint, "--model", str(folder)]
+
+
+def run_child(args: argparse.Namespace, loader: str, folder: Path) -> dict:
+    out = subprocess.run(child_cmd(args, loader, folder), check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -166,7 +158,7 @@ def main() -> None:
     weights = folder / CHECKPOINTS[args.checkpoint]
     if not weights.is_file():
         print(f"writing random SD 1.5 weights in {folder} ...", flush=True)
-        run_child(args, "build", folder)
+        subprocess.run(child_cmd(args, "build", folder), check=True)
     weights_mb = weights.stat().st_size / 2**20
     print(f"weights: {weights} ({weights_mb:.0f} MB)")
 
