@@ -39,6 +39,9 @@ from tokenizer import CLIPTokenizer
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # SD 1.5 was trained on 1000 timesteps; "leading" spacing with steps_offset 1 would ask for t = 1000 at 1000 steps.
 MAX_STEPS = 999
+# generate()'s sampling settings, also the CLI's option names; each one is checked by check_settings().
+SETTINGS = ("scheduler", "karras", "steps", "guidance_scale", "height", "width", "num_images", "clip_skip", "strength",
+            "eta")  # fmt: skip
 
 
 class UserError(Exception):
@@ -175,21 +178,10 @@ def generate(
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
     factor = pipe.vae.scale_factor
-    check_settings(
-        scheduler=scheduler,
-        karras=karras,
-        steps=steps,
-        guidance_scale=guidance_scale,
-        height=height,
-        width=width,
-        num_images=num_images,
-        clip_skip=clip_skip,
-        img2img=init_image is not None,
-        strength=strength,
-        eta=eta,
-        factor=factor,
-        clip_layers=pipe.text_encoder.config.num_hidden_layers,
-    )
+    check_settings(scheduler=scheduler, karras=karras, steps=steps, guidance_scale=guidance_scale, height=height,
+                   width=width, num_images=num_images, clip_skip=clip_skip, strength=strength, eta=eta,
+                   img2img=init_image is not None, factor=factor,
+                   clip_layers=pipe.text_encoder.config.num_hidden_layers)  # fmt: skip
     if not prompts or len(negatives) != len(prompts):
         raise UserError(f"got {len(prompts)} prompts and {len(negatives)} negative prompts; give one, or one each")
     dev, dtype = pipe.device, pipe.dtype
@@ -364,12 +356,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--height", type=int, default=512, help="image height in pixels (multiple of 8)")
     p.add_argument("--width", type=int, default=512, help="image width in pixels (multiple of 8)")
     p.add_argument("--num-images", type=int, default=1, help="images to generate for the prompt")
-    p.add_argument(
-        "--clip-skip",
-        type=int,
-        default=None,
-        help="use the CLIP layer this many before the last (1 = A1111's 'clip skip 2')",
-    )
+    p.add_argument("--clip-skip", type=int, help="use the CLIP layer this many before the last (1 = A1111 clip skip 2)")
     p.add_argument("--init-image", default=None, help="image-to-image: start from this picture (sets the size)")
     p.add_argument("--strength", type=float, default=0.8, help="image-to-image: how much of the init image to redraw")
     p.add_argument(
@@ -455,46 +442,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Cheap checks first, so a typo costs no model loading. The size is checked against SD 1.5's VAE factor
         # here and against the loaded VAE in generate().
-        a = args
-        check_settings(
-            scheduler=a.scheduler,
-            karras=a.karras,
-            steps=a.steps,
-            guidance_scale=a.guidance_scale,
-            height=a.height,
-            width=a.width,
-            num_images=a.num_images,
-            clip_skip=a.clip_skip,
-            img2img=a.init_image is not None,
-            strength=a.strength,
-            eta=a.eta,
-            factor=8,
-            clip_layers=12,
-        )
+        settings = {k: getattr(args, k) for k in SETTINGS}  # the CLI's options are generate()'s arguments
+        check_settings(**settings, img2img=args.init_image is not None, factor=8, clip_layers=12)
         paths = output_paths(args.output, args.num_images, args.seed)
         init = open_image(args.init_image) if args.init_image else None  # before loading the model
         device = check_device(args.device)
         if device.type == "cpu":
             tune_malloc()  # -20% per step on the CPU (bench/README.md)
         pipe = load_pipeline(args.model, str(device), DTYPES.get(args.dtype))
-        images = generate(
-            pipe,
-            a.prompt,
-            a.negative_prompt,
-            a.scheduler,
-            a.karras,
-            a.steps,
-            a.guidance_scale,
-            a.height,
-            a.width,
-            a.seed,
-            a.num_images,
-            a.clip_skip,
-            init,
-            a.strength,
-            a.eta,
-            progress=not a.quiet,
-        )
+        images = generate(pipe, args.prompt, args.negative_prompt, seed=args.seed, init_image=init,
+                          progress=not args.quiet, **settings)  # fmt: skip
         for image, path in zip(images, paths, strict=True):
             save_png(image, path, parameters_text(args, *image.size))
     except (UserError, WeightsError) as e:
