@@ -359,18 +359,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--clip-skip", type=int, help="use the CLIP layer this many before the last (1 = A1111 clip skip 2)")
     p.add_argument("--init-image", default=None, help="image-to-image: start from this picture (sets the size)")
     p.add_argument("--strength", type=float, default=0.8, help="image-to-image: how much of the init image to redraw")
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="hub repo id, local Diffusers-layout folder, or single-file .safetensors checkpoint",
-    )
+    p.add_argument("--model", default=DEFAULT_MODEL, help="hub repo id, Diffusers folder or .safetensors single file")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available, in that order)")
-    p.add_argument(
-        "--dtype",
-        choices=list(DTYPES),
-        default=None,
-        help="weights and activations (default: float16 on CUDA, float32 elsewhere)",
-    )
+    p.add_argument("--dtype", choices=list(DTYPES), help="weights/activations (default: float16 on CUDA, else float32)")
     p.add_argument("--output", default="out.png", help="PNG file, or a folder; several images get numbered names")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
