@@ -10,6 +10,9 @@ StableDiffusionPipeline / StableDiffusionImg2ImgPipeline does for the same weigh
 deliberate exceptions: clip skip also applies to the negative prompt (as in A1111; Diffusers skips layers for the
 positive prompt only), and the tokenizer cleans text as OpenAI's CLIP does (ftfy, HTML entities), so curly quotes,
 `&amp;` or ligatures tokenize as CLIP was trained, where Transformers' tokenizer differs.
+
+The file reads top to bottom: the sampling settings, loading, the algorithm (encode, noise, loop, decode), the
+PNG metadata, and the command line.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import os
 import re
 import sys
 import time
-from dataclasses import dataclass
+import warnings
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -29,23 +33,80 @@ from PIL import Image, PngImagePlugin
 from tqdm import tqdm
 
 import scheduler as sampling
-from models.clip import CLIPTextModel, load_text_encoder
-from models.ldm import load_single_file
-from models.loading import DEFAULT_MODEL, WeightsError, read_json, resolve_model
-from models.unet import UNet, load_unet
-from models.vae import AutoencoderKL, load_vae, sample_latent
+from models.clip import CLIPTextConfig, CLIPTextModel
+from models.loading import DEFAULT_MODEL, WeightsError, load_model
+from models.unet import UNet
+from models.vae import AutoencoderKL, sample_latent
 from tokenizer import CLIPTokenizer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # SD 1.5 was trained on 1000 timesteps; "leading" spacing with steps_offset 1 would ask for t = 1000 at 1000 steps.
 MAX_STEPS = 999
-# generate()'s sampling settings, also the CLI's option names; each one is checked by check_settings().
-SETTINGS = ("scheduler", "karras", "steps", "guidance_scale", "height", "width", "num_images", "clip_skip", "strength",
-            "eta")  # fmt: skip
+MAX_SIZE = 4096  # pixels per side
+MAX_IMAGES = 64
+# SD 1.5's shapes, for checking settings before a model is loaded (generate() checks against the loaded model).
+SD15_VAE_FACTOR = 8  # pixels per latent: the VAE halves the size at 3 of its 4 levels
+SD15_CLIP_LAYERS = CLIPTextConfig.num_hidden_layers
 
 
 class UserError(Exception):
     """Bad input from the user: reported as one line and exit code 2, never as a traceback."""
+
+
+# ----------------------------------------------------------------------------- the sampling settings
+
+
+def setting(default: object, help: str, cli_type: type | None = None):
+    """A Settings field: its default, and its `--help` text (the CLI builds one option per field)."""
+    return field(default=default, metadata={"help": help, "type": cli_type or type(default)})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to sample: the keyword arguments of generate() and the options of the CLI, with one default each."""
+
+    scheduler: str = setting("euler", f"sampler: one of {', '.join(sampling.SAMPLERS)}")
+    karras: bool = setting(False, "use the Karras et al. 2022 noise levels (rho 7)")
+    steps: int = setting(30, "number of denoising steps")
+    guidance_scale: float = setting(7.5, "classifier-free guidance scale; <= 1 disables")
+    height: int = setting(512, "image height in pixels (multiple of 8)")
+    width: int = setting(512, "image width in pixels (multiple of 8)")
+    seed: int = setting(0, "random seed: the same seed gives the same image on any device")
+    num_images: int = setting(1, "images to generate for each prompt")
+    clip_skip: int | None = setting(None, "use the CLIP layer this many before the last (1 = A1111 clip skip 2)", int)
+    strength: float = setting(0.8, "image-to-image: how much of the init image to redraw")
+    eta: float = setting(0.0, "DDIM eta (0: deterministic)")
+
+    def check(self, img2img: bool = False, factor: int = SD15_VAE_FACTOR, clip_layers: int = SD15_CLIP_LAYERS):
+        """Every setting is checked before any work, each failure a one-line UserError. `factor` (pixels per
+        latent) and `clip_layers` are the loaded model's; the defaults are SD 1.5's."""
+        sampler = sampling.SAMPLERS.get(self.scheduler)
+        if sampler is None:
+            raise UserError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(sampling.SAMPLERS)}")
+        if self.karras and not sampler.karras:
+            karras = [name for name, s in sampling.SAMPLERS.items() if s.karras]
+            raise UserError(f"--karras works with {', '.join(karras)}, not {self.scheduler}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise UserError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
+        if self.guidance_scale < 0:
+            raise UserError(f"guidance scale must be >= 0 (1 disables guidance), got {self.guidance_scale}")
+        for name, size in (("height", self.height), ("width", self.width)):
+            if size % factor or not factor <= size <= MAX_SIZE:
+                raise UserError(f"{name} must be a multiple of {factor} between {factor} and {MAX_SIZE}, got {size}")
+        if not 1 <= self.num_images <= MAX_IMAGES:
+            raise UserError(f"num_images must be between 1 and {MAX_IMAGES}, got {self.num_images}")
+        if not 0 < self.strength <= 1:
+            raise UserError(f"strength must be in (0, 1], got {self.strength}")
+        if img2img and int(self.steps * self.strength) < 1:
+            raise UserError(
+                f"steps x strength = {self.steps * self.strength:g} < 1 leaves no step to run; raise either"
+            )
+        if self.clip_skip is not None and not 0 <= self.clip_skip < clip_layers:
+            raise UserError(
+                f"clip skip must be between 0 and {clip_layers - 1} for this text encoder, got {self.clip_skip}"
+            )
+        if not 0 <= self.eta <= 1:
+            raise UserError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {self.eta}")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -57,10 +118,10 @@ class Pipeline:
     text_encoder: CLIPTextModel
     unet: UNet
     vae: AutoencoderKL
-    scheduler_config: dict
+    scheduler_config: sampling.SchedulerConfig
     device: torch.device
     dtype: torch.dtype
-    model: str  # what the user asked for (repo id or path), recorded in the PNG metadata
+    vae_dtype: torch.dtype  # the pipeline's dtype, or float32 once a float16 decode has overflowed (see decode)
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -87,30 +148,9 @@ def load_pipeline(
     dev = pick_device(device)
     dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
     if dev.type == "cpu" and dtype == torch.bfloat16 and "AVX512" not in torch.backends.cpu.get_cpu_capability():
-        print("minsd: warning: bfloat16 on a CPU without AVX-512 is very slow; use --dtype float32", file=sys.stderr)
-    path = resolve_model(model, half=dtype == torch.float16)
-    config_dir = Path(config) if config else (None if path.is_file() else path)
-    if path.is_file():
-        text_encoder, unet, vae = load_single_file(path, dtype, dev, config=config_dir)
-    else:
-        text_encoder, unet, vae = (
-            load_text_encoder(path, dtype, dev),
-            load_unet(path, dtype, dev),
-            load_vae(path, dtype, dev),
-        )
-    scheduler_config = sampling.SD15_SCHEDULER_CONFIG
-    tokenizer = CLIPTokenizer()  # OpenAI's vocabulary, shipped in tokenizer/
-    if config_dir is not None:
-        scheduler_config = read_json(config_dir / "scheduler" / "scheduler_config.json")
-        try:
-            tokenizer = CLIPTokenizer.from_folder(config_dir / "tokenizer")
-        except (OSError, ValueError, KeyError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-            raise WeightsError(f"cannot read the tokenizer files in {config_dir / 'tokenizer'}: {e}") from None
-    try:  # a folder may ship a scheduler config our samplers do not implement (v-prediction, other betas, ...)
-        sampling.make_schedule("euler", 1, scheduler_config)
-    except (ValueError, KeyError) as e:
-        raise WeightsError(f"unsupported scheduler/scheduler_config.json in {config_dir}: {e}") from None
-    return Pipeline(tokenizer, text_encoder, unet, vae, scheduler_config, dev, dtype, model)
+        warnings.warn("bfloat16 on a CPU without AVX-512 is very slow; use --dtype float32", stacklevel=2)
+    m = load_model(model, dtype, dev, config)
+    return Pipeline(m.tokenizer, m.text_encoder, m.unet, m.vae, m.scheduler_config, dev, dtype, vae_dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- the algorithm
@@ -120,7 +160,7 @@ def encode_prompts(pipe: Pipeline, prompts: list[str], clip_skip: int | None) ->
     """Prompts -> CLIP context (B, 77, D). Clip skip applies to every prompt, negative ones included (as A1111)."""
     for p in prompts:
         if dropped := pipe.tokenizer.truncated(p):
-            print(f"minsd: warning: the prompt is longer than CLIP's 77 tokens; dropped: {dropped!r}", file=sys.stderr)
+            warnings.warn(f"the prompt is longer than CLIP's 77 tokens; dropped: {dropped!r}", stacklevel=3)
     ids = pipe.tokenizer(prompts).to(pipe.device)
     return pipe.text_encoder(ids, clip_skip=clip_skip)
 
@@ -157,58 +197,56 @@ def generate(
     pipe: Pipeline,
     prompt: str | list[str],
     negative_prompt: str | list[str] = "",
-    scheduler: str = "euler",
-    karras: bool = False,
-    steps: int = 30,
-    guidance_scale: float = 7.5,
-    height: int = 512,
-    width: int = 512,
-    seed: int = 0,
-    num_images: int = 1,
-    clip_skip: int | None = None,
+    scheduler: str = Settings.scheduler,
+    karras: bool = Settings.karras,
+    steps: int = Settings.steps,
+    guidance_scale: float = Settings.guidance_scale,
+    height: int = Settings.height,
+    width: int = Settings.width,
+    seed: int = Settings.seed,
+    num_images: int = Settings.num_images,
+    clip_skip: int | None = Settings.clip_skip,
     init_image: Image.Image | str | Path | None = None,
-    strength: float = 0.8,
-    eta: float = 0.0,
+    strength: float = Settings.strength,
+    eta: float = Settings.eta,
     output_type: str = "pil",
     progress: bool = True,
 ) -> list[Image.Image] | np.ndarray:
     """Generate `num_images` images per prompt. Returns PIL images, or with output_type="np" a float32 array
     (N, H, W, 3) in [0, 1]. With `init_image`, image-to-image: the image (which sets the size) is encoded,
     noised to `strength` and denoised from there."""
+    s = Settings(scheduler=scheduler, karras=karras, steps=steps, guidance_scale=guidance_scale, height=height,
+                 width=width, seed=seed, num_images=num_images, clip_skip=clip_skip, strength=strength,
+                 eta=eta)  # fmt: skip
+    factor = pipe.vae.downsample_factor
+    s.check(init_image is not None, factor, clip_layers=pipe.text_encoder.config.num_hidden_layers)
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-    factor = pipe.vae.scale_factor
-    check_settings(scheduler=scheduler, karras=karras, steps=steps, guidance_scale=guidance_scale, height=height,
-                   width=width, num_images=num_images, clip_skip=clip_skip, strength=strength, eta=eta,
-                   img2img=init_image is not None, factor=factor,
-                   clip_layers=pipe.text_encoder.config.num_hidden_layers)  # fmt: skip
     if not prompts or len(negatives) != len(prompts):
         raise UserError(f"got {len(prompts)} prompts and {len(negatives)} negative prompts; give one, or one each")
     dev, dtype = pipe.device, pipe.dtype
-    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same noise, so the same image, on any device
-    n = len(prompts) * num_images
+    generator = torch.Generator().manual_seed(s.seed)  # on the CPU: the same noise, so the same image, on any device
+    n = len(prompts) * s.num_images
 
     # 1. Text -> context. Each prompt's context is repeated num_images times (p0, p0, p1, p1, ...).
-    use_cfg = guidance_scale > 1.0  # at s <= 1 the unconditional pass is skipped, as in Diffusers
-    context = encode_prompts(pipe, prompts, clip_skip).repeat_interleave(num_images, dim=0)
+    use_cfg = s.guidance_scale > 1.0  # at s <= 1 the unconditional pass is skipped, as in Diffusers
+    context = encode_prompts(pipe, prompts, s.clip_skip).repeat_interleave(s.num_images, dim=0)
     if use_cfg:
-        uncond = encode_prompts(pipe, negatives, clip_skip).repeat_interleave(num_images, dim=0)
+        uncond = encode_prompts(pipe, negatives, s.clip_skip).repeat_interleave(s.num_images, dim=0)
         context = torch.cat([uncond, context])  # (2B, 77, D): one UNet call for both halves
 
     # 2. The noise schedule, and the starting latent: pure noise, or the init image's latent noised to `strength`.
-    schedule = sampling.make_schedule(
-        scheduler, steps, pipe.scheduler_config, karras=karras, strength=strength if init_image is not None else 1.0
-    )  # the config was checked at load time and the settings above, so this does not raise
+    strength = s.strength if init_image is not None else 1.0
+    schedule = sampling.make_schedule(s.scheduler, s.steps, pipe.scheduler_config, s.karras, strength=strength)
     if init_image is None:
-        shape = (n, pipe.unet.config.in_channels, height // factor, width // factor)
-        x = torch.randn(shape, generator=generator, dtype=dtype).to(dev) * schedule.init_noise_sigma
+        shape = (n, pipe.unet.config.in_channels, s.height // factor, s.width // factor)
+        x = sampling.draw_noise(shape, dtype, dev, generator) * schedule.init_noise_sigma
     else:
-        image = image_to_tensor(init_image, factor).to(dev, vae_dtype(pipe))
+        image = image_to_tensor(init_image, factor).to(dev, pipe.vae_dtype)
         mean, logvar = pipe.vae.encode(image)
-        x0 = pipe.vae.config.scaling_factor * sample_latent(mean, logvar, generator)  # draws noise FIRST
-        x0 = x0.to(dtype).expand(n, -1, -1, -1)
-        noise = torch.randn(x0.shape, generator=generator, dtype=dtype).to(dev)
-        x = sampling.add_noise(schedule, x0, noise)
+        z = sample_latent(mean, logvar, sampling.draw_noise(mean.shape, mean.dtype, dev, generator))  # drawn FIRST
+        x0 = (pipe.vae.config.scaling_factor * z).to(dtype).expand(n, -1, -1, -1)
+        x = sampling.add_noise(schedule, x0, sampling.draw_noise(x0.shape, dtype, dev, generator))
 
     # 3. The sampling loop: scale the input, one UNet call on the CFG batch, guidance, one sampler step.
     state = None
@@ -218,8 +256,8 @@ def generate(
         x_in = torch.cat([x_in, x_in]) if use_cfg else x_in
         eps = pipe.unet(x_in, t, context)
         if use_cfg:
-            eps = classifier_free_guidance(*eps.chunk(2), guidance_scale)
-        x, state = sampling.step(schedule, i, x, eps, state, generator=generator, eta=eta)
+            eps = classifier_free_guidance(*eps.chunk(2), s.guidance_scale)
+        x, state = sampling.step(schedule, i, x, eps, state, generator=generator, eta=s.eta)
 
     # 4. Latent -> pixels.
     images = decode(pipe, x)
@@ -228,79 +266,41 @@ def generate(
     return [Image.fromarray(img) for img in (images * 255).round().astype(np.uint8)]
 
 
-def vae_dtype(pipe: Pipeline) -> torch.dtype:
-    return pipe.vae.post_quant_conv.weight.dtype  # float32 after an fp16 overflow, else the pipeline's
-
-
 def decode(pipe: Pipeline, x: torch.Tensor) -> np.ndarray:
     """VAE decode -> float32 (N, H, W, 3) in [0, 1]. fp16 decodes can overflow to inf/NaN (black images) on the
-    SD 1.5 VAE: if that happens, say so and decode again in float32."""
+    SD 1.5 VAE: if that happens, say so, switch the VAE to float32 for good and decode again."""
     scale = pipe.vae.config.scaling_factor  # LDM trained the UNet on latents * scale (about unit variance)
-    pixels = pipe.vae.decode((x / scale).to(vae_dtype(pipe)))
+    pixels = pipe.vae.decode((x / scale).to(pipe.vae_dtype))
     if pixels.dtype == torch.float16 and not torch.isfinite(pixels).all():
-        print("minsd: the float16 VAE decode overflowed; decoding again in float32", file=sys.stderr)
-        pipe.vae.float()  # and keep it so: the next images would overflow too
+        warnings.warn("the float16 VAE decode overflowed; decoding again in float32", stacklevel=2)
+        pipe.vae, pipe.vae_dtype = pipe.vae.float(), torch.float32  # the next images would overflow too
         pixels = pipe.vae.decode(x.float() / scale)
     return (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def check_settings(*, scheduler, karras, steps, guidance_scale, height, width, num_images, clip_skip, img2img,
-                   strength, eta, factor: int, clip_layers: int) -> None:  # fmt: skip
-    """Every user setting is checked before any work, each failure a one-line UserError."""
-    if scheduler not in sampling.SAMPLERS:
-        raise UserError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(sampling.SAMPLERS)}")
-    if karras and scheduler not in sampling.KARRAS_SAMPLERS:
-        raise UserError(f"--karras works with {', '.join(sampling.KARRAS_SAMPLERS)}, not {scheduler}")
-    if not 1 <= steps <= MAX_STEPS:
-        raise UserError(f"steps must be between 1 and {MAX_STEPS}, got {steps}")
-    if guidance_scale < 0:
-        raise UserError(f"guidance scale must be >= 0 (1 disables guidance), got {guidance_scale}")
-    for name, size in (("height", height), ("width", width)):
-        if size % factor or not factor <= size <= 4096:
-            raise UserError(f"{name} must be a multiple of {factor} between {factor} and 4096, got {size}")
-    if not 1 <= num_images <= 64:
-        raise UserError(f"num_images must be between 1 and 64, got {num_images}")
-    if not 0 < strength <= 1:
-        raise UserError(f"strength must be in (0, 1], got {strength}")
-    if img2img and int(steps * strength) < 1:
-        raise UserError(f"steps x strength = {steps * strength:g} < 1 leaves no step to run; raise either")
-    if clip_skip is not None and not 0 <= clip_skip < clip_layers:
-        raise UserError(f"clip skip must be between 0 and {clip_layers - 1} for this text encoder, got {clip_skip}")
-    if not 0 <= eta <= 1:
-        raise UserError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {eta}")
-
-
 # ----------------------------------------------------------------------------- PNG metadata
 
-SAMPLER_NAMES = {
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "heun": "Heun",
-    "dpmpp_2m": "DPM++ 2M",
-    "ddim": "DDIM",
-    "ddpm": "DDPM",
-}
 
-
-def parameters_text(args: argparse.Namespace, width: int, height: int) -> str:
+def parameters_text(s: Settings, prompt: str, negative_prompt: str, size: tuple[int, int], model: str,
+                    img2img: bool = False) -> str:  # fmt: skip
     """The `parameters` PNG text chunk as A1111's web UI writes it (and Civitai, ComfyUI importers read it):
     prompt line, "Negative prompt: ..." line, then "Key: value" pairs. Our clip skip k is A1111's k + 1."""
     fields = {
-        "Steps": args.steps,
-        "Sampler": SAMPLER_NAMES[args.scheduler],
-        "Schedule type": "Karras" if args.karras else None,
-        "CFG scale": args.guidance_scale,
-        "Seed": args.seed,
-        "Size": f"{width}x{height}",
-        "Model": args.model,
-        "Batch size": args.num_images if args.num_images > 1 else None,
-        "Clip skip": args.clip_skip + 1 if args.clip_skip else None,
-        "Denoising strength": args.strength if args.init_image else None,
-        "Eta": args.eta if args.eta else None,
+        "Steps": s.steps,
+        "Sampler": sampling.SAMPLERS[s.scheduler].a1111_name,
+        "Schedule type": "Karras" if s.karras else None,
+        "CFG scale": s.guidance_scale,
+        "Seed": s.seed,
+        "Size": f"{size[0]}x{size[1]}",
+        "Model": model,
+        "Batch size": s.num_images if s.num_images > 1 else None,
+        "Clip skip": s.clip_skip + 1 if s.clip_skip else None,
+        "Denoising strength": s.strength if img2img else None,
+        "Eta": s.eta if s.eta else None,
     }
     pairs = ", ".join(f"{k}: {a1111_value(v)}" for k, v in fields.items() if v is not None)
-    negative = f"\nNegative prompt: {args.negative_prompt}" if args.negative_prompt else ""
-    return f"{args.prompt}{negative}\n{pairs}"
+    negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
+    return f"{prompt}{negative}\n{pairs}"
 
 
 def a1111_value(value: object) -> str:
@@ -323,7 +323,7 @@ def read_parameters(text: str) -> dict[str, str]:
     return out
 
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- command line
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -347,39 +347,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--prompt", required=True, help="what to draw")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (replaces the empty prompt in CFG)")
-    p.add_argument("--steps", type=int, default=30, help="number of denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale; <= 1 disables")
-    p.add_argument("--scheduler", default="euler", help=f"sampler: one of {', '.join(sampling.SAMPLERS)}")
-    p.add_argument("--karras", action="store_true", help="use the Karras et al. 2022 noise levels (rho 7)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
-    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same image on any device")
-    p.add_argument("--height", type=int, default=512, help="image height in pixels (multiple of 8)")
-    p.add_argument("--width", type=int, default=512, help="image width in pixels (multiple of 8)")
-    p.add_argument("--num-images", type=int, default=1, help="images to generate for the prompt")
-    p.add_argument("--clip-skip", type=int, help="use the CLIP layer this many before the last (1 = A1111 clip skip 2)")
+    for f in fields(Settings):  # --steps, --guidance-scale, ...: one option per setting
+        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.metadata["type"] is bool:
+            p.add_argument(flag, action="store_true", help=help)
+        else:
+            p.add_argument(flag, type=f.metadata["type"], default=f.default, help=help)
     p.add_argument("--init-image", default=None, help="image-to-image: start from this picture (sets the size)")
-    p.add_argument("--strength", type=float, default=0.8, help="image-to-image: how much of the init image to redraw")
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub repo id, Diffusers folder or .safetensors single file")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available, in that order)")
     p.add_argument("--dtype", choices=list(DTYPES), help="weights/activations (default: float16 on CUDA, else float32)")
-    p.add_argument("--output", default="out.png", help="PNG file, or a folder; several images get numbered names")
+    p.add_argument("--output", default="out.png", help="PNG file, or a folder (created if missing); several images "
+                   "get numbered names")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
 def output_paths(output: str, count: int, seed: int) -> list[Path]:
     """Where each image goes. A folder gets `<seed>-<i>.png`; a file name gets `-<i>` before its suffix when
-    there are several images."""
+    there are several images. Missing folders are created when the images are saved, as image tools do."""
     path = Path(output).expanduser()
     if path.is_dir() or output.endswith(("/", os.sep)):
         paths = [path / f"{seed}-{i}.png" for i in range(count)]
     elif path.suffix.lower() != ".png":
-        raise UserError(f"output {output} must be a .png file name or an existing folder")
+        raise UserError(f"output {output} must be a .png file name or a folder")
     else:
         paths = [path] if count == 1 else [path.with_name(f"{path.stem}-{i}.png") for i in range(count)]
     parent = paths[0].parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK):
-        raise UserError(f"cannot write to {parent}: not an existing writable folder")
+    existing = next(p for p in (parent, *parent.parents) if p.exists())  # the folder that mkdir would start from
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {parent}: {existing} is not a writable folder")
     return paths
 
 
@@ -389,6 +386,7 @@ def save_png(image: Image.Image, path: Path, parameters: str) -> None:
     info.add_text("parameters", parameters)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         image.save(tmp, format="PNG", pnginfo=info)
         os.replace(tmp, path)
     except OSError as e:
@@ -427,27 +425,35 @@ def tune_malloc() -> None:
         mallopt(-2, 1 << 30)  # grow the heap 1 GiB at a time
 
 
+def print_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"min_pipeline.py: warning: {message}", file=sys.stderr)  # one line, not warnings' file:line + source
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    try:
-        # Cheap checks first, so a typo costs no model loading. The size is checked against SD 1.5's VAE factor
-        # here and against the loaded VAE in generate().
-        settings = {k: getattr(args, k) for k in SETTINGS}  # the CLI's options are generate()'s arguments
-        check_settings(**settings, img2img=args.init_image is not None, factor=8, clip_layers=12)
-        paths = output_paths(args.output, args.num_images, args.seed)
-        init = open_image(args.init_image) if args.init_image else None  # before loading the model
-        device = check_device(args.device)
-        if device.type == "cpu":
-            tune_malloc()  # -20% per step on the CPU (bench/README.md)
-        pipe = load_pipeline(args.model, str(device), DTYPES.get(args.dtype))
-        images = generate(pipe, args.prompt, args.negative_prompt, seed=args.seed, init_image=init,
-                          progress=not args.quiet, **settings)  # fmt: skip
-        for image, path in zip(images, paths, strict=True):
-            save_png(image, path, parameters_text(args, *image.size))
-    except (UserError, WeightsError) as e:
-        print(f"min_pipeline.py: error: {e}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        warnings.showwarning = print_warning
+        try:
+            # Cheap checks first, against SD 1.5's shapes, so a typo costs no model loading.
+            settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
+            settings.check(img2img=args.init_image is not None)
+            paths = output_paths(args.output, settings.num_images, settings.seed)
+            init = open_image(args.init_image) if args.init_image else None  # before loading the model
+            device = check_device(args.device)
+            if device.type == "cpu":
+                tune_malloc()  # -20% per step on the CPU (bench/README.md)
+            pipe = load_pipeline(args.model, str(device), DTYPES.get(args.dtype))
+            images = generate(pipe, args.prompt, args.negative_prompt, init_image=init, progress=not args.quiet,
+                              **asdict(settings))  # fmt: skip
+            for image, path in zip(images, paths, strict=True):
+                text = parameters_text(
+                    settings, args.prompt, args.negative_prompt, image.size, args.model, init is not None
+                )
+                save_png(image, path, text)
+        except (UserError, WeightsError) as e:
+            print(f"min_pipeline.py: error: {e}", file=sys.stderr)
+            return 2
     print(f"wrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.1f} s")
     return 0
 

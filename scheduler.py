@@ -26,36 +26,70 @@ arXiv:2211.01095; Lin et al. 2023 arXiv:2305.08891.
 
 import argparse
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-SAMPLERS = ("euler", "euler_a", "heun", "dpmpp_2m", "ddim", "ddpm")
-SIGMA_SAMPLERS = ("euler", "euler_a", "heun")  # move x = x_0 + σ ε; float32 timesteps, as in Diffusers
-KARRAS_SAMPLERS = ("euler", "heun", "dpmpp_2m")  # the ones Diffusers 0.42 offers use_karras_sigmas for
-# The SD 1.5 scheduler file was written for PNDM and names no timestep_spacing, so every Diffusers class keeps
-# its own default (verified in 0.42; older versions carried PNDM's "leading" over to all of them).
-DEFAULT_SPACING = {"euler": "linspace", "euler_a": "linspace", "heun": "linspace", "dpmpp_2m": "linspace"}
-DEFAULT_SPACING |= {"ddim": "leading", "ddpm": "leading"}
-# The official stable-diffusion-v1-5 scheduler/scheduler_config.json, for checkpoints that come without one
-SD15_SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "steps_offset": 1,
-                         "beta_schedule": "scaled_linear", "set_alpha_to_one": False, "clip_sample": False}  # fmt: skip
+# What a sampler moves: EDM's x = x_t / sqrt(ᾱ_t) = x_0 + σ ε (with float32 timesteps, as in Diffusers), or x_t
+EDM_X, X_T = "x_0 + sigma eps", "x_t"
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """scheduler/scheduler_config.json. Defaults: the official SD 1.5 file (written for PNDM), and Diffusers'
+    defaults for the keys it omits. Only what SD 1.5 samples with is accepted, checked here and only here."""
+
+    num_train_timesteps: int = 1000  # T
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    steps_offset: int = 1  # see sd15_leading_timesteps
+    set_alpha_to_one: bool = False  # see ddim_alpha_bar_prev
+    clip_sample: bool = False
+    prediction_type: str = "epsilon"
+    timestep_spacing: str | None = None  # None: each sampler's own default (Sampler.spacing)
+    trained_betas: tuple[float, ...] | None = None
+    rescale_betas_zero_snr: bool = False
+
+    def __post_init__(self) -> None:
+        T, b0, b1, offset = self.num_train_timesteps, self.beta_start, self.beta_end, self.steps_offset
+        checks = {  # key: (is the value supported, what is); exact types, so that "1000" or true fail here
+            "num_train_timesteps": (type(T) is int and T >= 2, "an integer >= 2"),
+            "beta_start": (isinstance(b0, float) and 0 < b0 < 1, "a number in (0, 1)"),
+            "beta_end": (isinstance(b1, float) and 0 < b1 < 1, "a number in (0, 1)"),
+            "beta_schedule": (self.beta_schedule in ("scaled_linear", "linear"), "'scaled_linear' or 'linear'"),
+            "steps_offset": (type(offset) is int and offset >= 0, "an integer >= 0"),
+            "set_alpha_to_one": (type(self.set_alpha_to_one) is bool, "true or false"),
+            "clip_sample": (self.clip_sample is False, "false (SD 1.5 does not clip x_0)"),
+            "prediction_type": (self.prediction_type == "epsilon",
+                                "'epsilon' (SD 1.x): v-prediction (SD 2.x) is not supported"),
+            "timestep_spacing": (self.timestep_spacing in (None, "leading", "linspace", "trailing"),
+                                 "null, 'leading', 'linspace' or 'trailing'"),
+            "trained_betas": (self.trained_betas is None, "null (betas come from beta_start/end/schedule)"),
+            "rescale_betas_zero_snr": (self.rescale_betas_zero_snr is False, "false (a v-prediction feature)"),
+        }  # fmt: skip
+        for key, (ok, supported) in checks.items():
+            if not ok:
+                raise ValueError(f"scheduler config {key}={getattr(self, key)!r:.60} is not supported; use {supported}")
+
+
+SD15_SCHEDULER_CONFIG = SchedulerConfig()  # for checkpoints that come without a scheduler_config.json
 
 
 # ----------------------------------------------------------------------------- the noise schedule
 
 
-def alphas_cumprod_from(config: dict) -> Tensor:
-    """ᾱ_t for t = 0..T-1 from a scheduler_config.json dict (float32, as Diffusers computes it)."""
-    T, b0, b1 = config["num_train_timesteps"], config["beta_start"], config["beta_end"]
-    if config["beta_schedule"] == "scaled_linear":  # LDM's "linear": linear in sqrt(β) (code only, no equation)
+def alphas_cumprod_from(config: SchedulerConfig) -> Tensor:
+    """ᾱ_t for t = 0..T-1 (float32, as Diffusers computes it)."""
+    T, b0, b1 = config.num_train_timesteps, config.beta_start, config.beta_end
+    if config.beta_schedule == "scaled_linear":  # LDM's "linear": linear in sqrt(β) (code only, no equation)
         betas = torch.linspace(b0**0.5, b1**0.5, T, dtype=torch.float32) ** 2
-    elif config["beta_schedule"] == "linear":  # DDPM Sec. 4
+    else:  # "linear", DDPM Sec. 4
         betas = torch.linspace(b0, b1, T, dtype=torch.float32)
-    else:
-        raise ValueError(f"beta_schedule {config['beta_schedule']!r} is not supported")
     return torch.cumprod(1.0 - betas, dim=0)  # DDPM Eq. 4
 
 
@@ -137,93 +171,6 @@ class Schedule:
     alpha_bar_prev: Tensor | None = None  # (N,) ᾱ each step lands on (DDIM, DDPM)
 
 
-def make_schedule(sampler: str, steps: int, config: dict, karras: bool = False, spacing: str | None = None,
-                  strength: float = 1.0) -> Schedule:  # fmt: skip
-    """The schedule `<Scheduler>.from_config(config)` + `set_timesteps(steps)` gives in Diffusers 0.42, cut to
-    the last min(int(steps * strength), steps) steps for img2img as StableDiffusionImg2ImgPipeline does."""
-    if sampler not in SAMPLERS or (karras and sampler not in KARRAS_SAMPLERS):
-        raise ValueError(f"no sampler {sampler!r}{' with Karras sigmas' if karras else ''}")
-    if config.get("prediction_type", "epsilon") != "epsilon" or config.get("clip_sample"):
-        raise ValueError("only epsilon prediction without clipping (SD 1.5) is supported")
-    T, offset = config["num_train_timesteps"], config.get("steps_offset", 0)
-    if not 1 <= steps <= T:
-        raise ValueError(f"steps must be in [1, {T}]")
-    spacing = spacing or config.get("timestep_spacing") or DEFAULT_SPACING[sampler]
-    alphas_cumprod = alphas_cumprod_from(config)
-    train_sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5  # σ_t for t = 0..T-1 (EDM Table 1)
-    alpha_bar = alpha_bar_prev = None
-    init_noise_sigma = torch.tensor(1.0)
-
-    if sampler in SIGMA_SAMPLERS:
-        timesteps = spaced_timesteps(steps, spacing, T, offset).float()
-        sigmas = sigma_at(timesteps, train_sigmas)
-        if karras:  # Diffusers: between the σ of the first and last spaced timestep, not σ_max and σ_min
-            sigmas = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), steps)
-            timesteps = sigma_to_t(sigmas, train_sigmas).float()
-        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).float()  # σ_N = 0 (EDM Eq. 5)
-        init_noise_sigma = sigmas.max()
-        if spacing == "leading":  # Diffusers: sqrt(σ_max² + 1) under "leading", σ_max otherwise
-            init_noise_sigma = (init_noise_sigma**2 + 1) ** 0.5
-        if sampler == "heun":  # 2 UNet calls per step, σ_N excepted: [σ0, σ1, σ1, σ2, σ2, ..., 0]
-            sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]])
-            timesteps = torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)])
-    elif sampler == "dpmpp_2m":
-        if karras:  # between the σ of t = T-1 and t = 0, timesteps rounded
-            sigmas = karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), steps)
-            timesteps = sigma_to_t(sigmas, train_sigmas).round().long()
-        else:  # DPM-Solver's grid has steps+1 points ending at t=0; the last step goes to σ=0 instead
-            n = steps if spacing == "trailing" else steps + 1
-            timesteps = spaced_timesteps(n, spacing, T, offset)[:steps].round().long()
-            sigmas = sigma_at(timesteps, train_sigmas)
-        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).float()
-    else:  # ddim, ddpm
-        timesteps = spaced_timesteps(steps, spacing, T, offset).round().long()
-        alpha_bar = alphas_cumprod[timesteps]
-        if sampler == "ddim":
-            alpha_bar_prev = ddim_alpha_bar_prev(timesteps, steps, alphas_cumprod, config.get("set_alpha_to_one", True))
-        else:  # DDPM lands on the next call's t, and on ᾱ = 1 after the last (set_alpha_to_one is ignored)
-            alpha_bar_prev = torch.cat([alphas_cumprod[timesteps[1:]], alphas_cumprod.new_ones(1)])
-        ab = torch.cat([alpha_bar, alpha_bar_prev[-1:]])
-        sigmas = ((1 - ab) / ab) ** 0.5
-
-    # img2img skips the first steps: t_start UNet calls, 2 per step for Heun (Diffusers' scheduler.order)
-    t_start = (steps - min(int(steps * strength), steps)) * (2 if sampler == "heun" else 1)
-    if t_start >= len(timesteps):
-        raise ValueError(f"strength {strength} leaves no step out of {steps}")
-    cut = slice(t_start, None)
-    ab, ab_prev = (alpha_bar[cut], alpha_bar_prev[cut]) if alpha_bar is not None else (None, None)
-    return Schedule(sampler, timesteps[cut], sigmas[cut], float(init_noise_sigma), ab, ab_prev)
-
-
-def add_noise(schedule: Schedule, x0: Tensor, noise: Tensor) -> Tensor:
-    """Sample the forward process q(x | x_0) at the first call's noise level (img2img), in the variable the
-    sampler moves. With a strength < 1 schedule this is Diffusers' add_noise at timesteps[t_start]."""
-    if schedule.sampler in SIGMA_SAMPLERS:  # x = x_0 + σ ε (EDM Sec. 2, p(x; σ))
-        return x0 + noise * schedule.sigmas[0].to(x0.dtype)
-    if schedule.sampler == "dpmpp_2m":  # x_t = α_t x_0 + σ_t ε
-        alpha_s, sigma_s = vp_coefficients(schedule.sigmas[0].to(x0.dtype))
-        return alpha_s * x0 + sigma_s * noise
-    abar = schedule.alpha_bar[0].to(x0.dtype)  # DDPM Eq. 4
-    return abar**0.5 * x0 + (1 - abar) ** 0.5 * noise
-
-
-# ----------------------------------------------------------------------------- one UNet call
-
-
-def scale_model_input(schedule: Schedule, i: int, x: Tensor) -> Tensor:
-    """The UNet was trained on x_t = sqrt(ᾱ) x_0 + sqrt(1-ᾱ) ε. Euler-type samples are x_t / sqrt(ᾱ), so they
-    are scaled by c_in = 1 / sqrt(σ² + 1) = sqrt(ᾱ) (EDM Table 1); DPM++, DDIM and DDPM already move x_t."""
-    if schedule.sampler in SIGMA_SAMPLERS:
-        return x / (schedule.sigmas[i] ** 2 + 1) ** 0.5
-    return x
-
-
-def vp_coefficients(sigma: Tensor) -> tuple[Tensor, Tensor]:
-    """α_t, σ_t of x_t = α_t x_0 + σ_t ε from the σ of x_t / α_t = x_0 + σ ε (DPM-Solver++ notation)."""
-    alpha_s = 1 / (sigma**2 + 1) ** 0.5
-    return alpha_s, sigma * alpha_s
-
-
 @dataclass(frozen=True)
 class SamplerState:
     """What a sampler carries from one UNet call to the next."""
@@ -234,6 +181,12 @@ class SamplerState:
 
 
 # ----------------------------------------------------------------------------- the samplers, one step each
+
+
+def vp_coefficients(sigma: Tensor) -> tuple[Tensor, Tensor]:
+    """α_t, σ_t of x_t = α_t x_0 + σ_t ε from the σ of x_t / α_t = x_0 + σ ε (DPM-Solver++ notation)."""
+    alpha_s = 1 / (sigma**2 + 1) ** 0.5
+    return alpha_s, sigma * alpha_s
 
 
 def denoise(x: Tensor, eps: Tensor, sigma: Tensor) -> Tensor:
@@ -308,47 +261,171 @@ def ddpm_step(x: Tensor, eps: Tensor, abar: Tensor, abar_prev: Tensor, noise: Te
     return x + ((1 - abar_prev) / (1 - abar) * beta_t).clamp(min=1e-20) ** 0.5 * noise
 
 
-def draw_noise(like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Fresh ε ~ N(0, I) drawn as Diffusers' randn_tensor draws it (shape, dtype of the model output), on the
-    generator's device and then moved, so a CPU generator gives the same numbers on any device."""
-    device = generator.device if generator is not None else like.device
-    return torch.randn(like.shape, generator=generator, dtype=like.dtype, device=device).to(like.device)
+# ----------------------------------------------------------------------------- one UNet call of each sampler
+
+Noise = Callable[[], Tensor]  # draws a fresh ε ~ N(0, I); only the samplers that need noise call it
+Out = tuple[Tensor, SamplerState | None]  # the new x and the state for the next call
+
+
+def euler(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
+    return euler_step(x, eps, s.sigmas[i], s.sigmas[i + 1]), None
+
+
+def euler_a(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
+    return euler_ancestral_step(x, eps, s.sigmas[i], s.sigmas[i + 1], noise()), None
+
+
+def heun(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
+    """Two UNet calls per step: even calls predict x_i+1, odd calls correct it (the last call, to σ = 0, stays
+    Euler). The schedule visits each σ after the first twice: [σ0, σ1, σ1, σ2, σ2, ..., 0]."""
+    if i % 2 == 0:
+        return heun_predictor(x, eps, s.sigmas[i], s.sigmas[i + 1])
+    return heun_corrector(x, eps, s.sigmas[i - 1], s.sigmas[i], state), None
+
+
+def dpmpp_2m(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
+    """First order on the first call (no history) and on the last, where λ = +∞ (Diffusers' lower_order_final
+    with final_sigmas_type="zero"); second order in between."""
+    if i == 0 or i == len(s.timesteps) - 1:
+        x, denoised = dpmpp_2m_step(x, eps, s.sigmas[i], s.sigmas[i + 1])
+    else:
+        x, denoised = dpmpp_2m_step(x, eps, s.sigmas[i], s.sigmas[i + 1], s.sigmas[i - 1], state.denoised)
+    return x, SamplerState(denoised=denoised)
+
+
+def ddim(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
+    return ddim_step(x, eps, s.alpha_bar[i], s.alpha_bar_prev[i], eta, noise() if eta > 0 else None), None
+
+
+def ddpm(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
+    return ddpm_step(x, eps, s.alpha_bar[i], s.alpha_bar_prev[i], noise() if s.timesteps[i] > 0 else None), None
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """One sampler as data: what make_schedule builds for it and what step() does at each UNet call."""
+
+    name: str  # ours, the CLI's --scheduler value
+    a1111_name: str  # A1111's name for it, written in the PNG metadata
+    variable: str  # what it moves: EDM_X or X_T
+    karras: bool  # Diffusers 0.42 offers use_karras_sigmas for it
+    unet_calls: int  # UNet calls per step (Diffusers' scheduler.order)
+    spacing: str  # Diffusers' default timestep_spacing for it
+    step: Callable[[Schedule, int, Tensor, Tensor, SamplerState | None, Noise, float], Out]  # one UNet call's update
+
+
+# The SD 1.5 scheduler file was written for PNDM and names no timestep_spacing, so every Diffusers class keeps
+# its own default (verified in 0.42; older versions carried PNDM's "leading" over to all of them).
+SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
+    Sampler("euler", "Euler", EDM_X, karras=True, unet_calls=1, spacing="linspace", step=euler),
+    Sampler("euler_a", "Euler a", EDM_X, karras=False, unet_calls=1, spacing="linspace", step=euler_a),
+    Sampler("heun", "Heun", EDM_X, karras=True, unet_calls=2, spacing="linspace", step=heun),
+    Sampler("dpmpp_2m", "DPM++ 2M", X_T, karras=True, unet_calls=1, spacing="linspace", step=dpmpp_2m),
+    Sampler("ddim", "DDIM", X_T, karras=False, unet_calls=1, spacing="leading", step=ddim),
+    Sampler("ddpm", "DDPM", X_T, karras=False, unet_calls=1, spacing="leading", step=ddpm),
+)}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- the schedule of a run
+
+
+def make_schedule(sampler: str, steps: int, config: SchedulerConfig, karras: bool = False, spacing: str | None = None,
+                  strength: float = 1.0) -> Schedule:  # fmt: skip
+    """The schedule `<Scheduler>.from_config(config)` + `set_timesteps(steps)` gives in Diffusers 0.42, cut to
+    the last min(int(steps * strength), steps) steps for img2img as StableDiffusionImg2ImgPipeline does."""
+    if sampler not in SAMPLERS or (karras and not SAMPLERS[sampler].karras):
+        raise ValueError(f"no sampler {sampler!r}{' with Karras sigmas' if karras else ''}")
+    record, T, offset = SAMPLERS[sampler], config.num_train_timesteps, config.steps_offset
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, {T}]")
+    spacing = spacing or config.timestep_spacing or record.spacing
+    alphas_cumprod = alphas_cumprod_from(config)
+    train_sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5  # σ_t for t = 0..T-1 (EDM Table 1)
+    alpha_bar = alpha_bar_prev = None
+    init_noise_sigma = torch.tensor(1.0)
+
+    if record.variable == EDM_X:
+        timesteps = spaced_timesteps(steps, spacing, T, offset).float()
+        sigmas = sigma_at(timesteps, train_sigmas)
+        if karras:  # Diffusers: between the σ of the first and last spaced timestep, not σ_max and σ_min
+            sigmas = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), steps)
+            timesteps = sigma_to_t(sigmas, train_sigmas).float()
+        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).float()  # σ_N = 0 (EDM Eq. 5)
+        init_noise_sigma = sigmas.max()
+        if spacing == "leading":  # Diffusers: sqrt(σ_max² + 1) under "leading", σ_max otherwise
+            init_noise_sigma = (init_noise_sigma**2 + 1) ** 0.5
+        if record.unet_calls > 1:  # each step's calls after the first repeat its σ, σ_N excepted (Heun)
+            sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(record.unet_calls), sigmas[-1:]])
+            timesteps = torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(record.unet_calls)])
+    elif sampler == "dpmpp_2m":
+        if karras:  # between the σ of t = T-1 and t = 0, timesteps rounded
+            sigmas = karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), steps)
+            timesteps = sigma_to_t(sigmas, train_sigmas).round().long()
+        else:  # DPM-Solver's grid has steps+1 points ending at t=0; the last step goes to σ=0 instead
+            n = steps if spacing == "trailing" else steps + 1
+            timesteps = spaced_timesteps(n, spacing, T, offset)[:steps].round().long()
+            sigmas = sigma_at(timesteps, train_sigmas)
+        sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).float()
+    else:  # ddim, ddpm
+        timesteps = spaced_timesteps(steps, spacing, T, offset).round().long()
+        alpha_bar = alphas_cumprod[timesteps]
+        if sampler == "ddim":
+            alpha_bar_prev = ddim_alpha_bar_prev(timesteps, steps, alphas_cumprod, config.set_alpha_to_one)
+        else:  # DDPM lands on the next call's t, and on ᾱ = 1 after the last (set_alpha_to_one is ignored)
+            alpha_bar_prev = torch.cat([alphas_cumprod[timesteps[1:]], alphas_cumprod.new_ones(1)])
+        ab = torch.cat([alpha_bar, alpha_bar_prev[-1:]])
+        sigmas = ((1 - ab) / ab) ** 0.5
+
+    # img2img skips the first steps: t_start UNet calls (Diffusers' t_start * scheduler.order)
+    t_start = (steps - min(int(steps * strength), steps)) * record.unet_calls
+    if t_start >= len(timesteps):
+        raise ValueError(f"strength {strength} leaves no step out of {steps}")
+    cut = slice(t_start, None)
+    ab, ab_prev = (alpha_bar[cut], alpha_bar_prev[cut]) if alpha_bar is not None else (None, None)
+    return Schedule(sampler, timesteps[cut], sigmas[cut], float(init_noise_sigma), ab, ab_prev)
+
+
+def add_noise(schedule: Schedule, x0: Tensor, noise: Tensor) -> Tensor:
+    """Sample the forward process q(x | x_0) at the first call's noise level (img2img), in the variable the
+    sampler moves. With a strength < 1 schedule this is Diffusers' add_noise at timesteps[t_start]."""
+    if SAMPLERS[schedule.sampler].variable == EDM_X:  # x = x_0 + σ ε (EDM Sec. 2, p(x; σ))
+        return x0 + noise * schedule.sigmas[0].to(x0.dtype)
+    if schedule.alpha_bar is None:  # DPM++ knows only σ: x_t = α_t x_0 + σ_t ε
+        alpha_s, sigma_s = vp_coefficients(schedule.sigmas[0].to(x0.dtype))
+        return alpha_s * x0 + sigma_s * noise
+    abar = schedule.alpha_bar[0].to(x0.dtype)  # DDPM Eq. 4
+    return abar**0.5 * x0 + (1 - abar) ** 0.5 * noise
+
+
+# ----------------------------------------------------------------------------- one UNet call
+
+
+def scale_model_input(schedule: Schedule, i: int, x: Tensor) -> Tensor:
+    """The UNet was trained on x_t = sqrt(ᾱ) x_0 + sqrt(1-ᾱ) ε. Euler-type samples are x_t / sqrt(ᾱ), so they
+    are scaled by c_in = 1 / sqrt(σ² + 1) = sqrt(ᾱ) (EDM Table 1); DPM++, DDIM and DDPM already move x_t."""
+    if SAMPLERS[schedule.sampler].variable == EDM_X:
+        return x / (schedule.sigmas[i] ** 2 + 1) ** 0.5
+    return x
+
+
+def draw_noise(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str,
+               generator: torch.Generator | None) -> Tensor:  # fmt: skip
+    """ε ~ N(0, I), the one place every random draw goes through: drawn as Diffusers' randn_tensor draws it, on
+    the generator's device and then moved, so a CPU generator gives the same numbers on any device."""
+    on = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, dtype=dtype, device=on).to(device)
 
 
 def step(schedule: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None = None,
          generator: torch.Generator | None = None, eta: float = 0.0) -> tuple[Tensor, SamplerState | None]:  # fmt: skip
     """Advance x by UNet call i given its (guided) noise prediction eps; returns the new x (in x's dtype,
     computed in at least float32) and the state for call i + 1. eta is DDIM's η (0: deterministic). Stochastic
-    samplers draw one ε per call from `generator`, where Diffusers does: every call for euler_a and for DDIM
-    with η > 0, calls with t > 0 for DDPM."""
-    s, dtype = schedule, x.dtype
-    noise = None
-    if s.sampler == "euler_a" or (s.sampler == "ddim" and eta > 0) or (s.sampler == "ddpm" and s.timesteps[i] > 0):
-        noise = draw_noise(eps, generator)
-    compute = torch.promote_types(dtype, torch.float32)
-    x, eps, sigma, sigma_next = x.to(compute), eps.to(compute), s.sigmas[i], s.sigmas[i + 1]
-    if s.sampler == "euler":
-        x, state = euler_step(x, eps, sigma, sigma_next), None
-    elif s.sampler == "euler_a":
-        x, state = euler_ancestral_step(x, eps, sigma, sigma_next, noise), None
-    elif s.sampler == "heun":  # even calls predict x_i+1, odd calls correct it (the last call, to σ = 0, stays Euler)
-        if i % 2 == 0:
-            x, state = heun_predictor(x, eps, sigma, sigma_next)
-        else:
-            x, state = heun_corrector(x, eps, s.sigmas[i - 1], sigma, state), None
-    elif s.sampler == "dpmpp_2m":
-        # First order on the first call (no history) and on the last, where λ = +∞ (Diffusers' lower_order_final
-        # with final_sigmas_type="zero"); second order in between.
-        if i == 0 or i == len(s.timesteps) - 1:
-            x, denoised = dpmpp_2m_step(x, eps, sigma, sigma_next)
-        else:
-            x, denoised = dpmpp_2m_step(x, eps, sigma, sigma_next, s.sigmas[i - 1], state.denoised)
-        state = SamplerState(denoised=denoised)
-    elif s.sampler == "ddim":
-        x, state = ddim_step(x, eps, s.alpha_bar[i], s.alpha_bar_prev[i], eta, noise), None
-    else:
-        x, state = ddpm_step(x, eps, s.alpha_bar[i], s.alpha_bar_prev[i], noise), None
-    return x.to(dtype), state
+    samplers draw one ε per call from `generator` (in eps's dtype), where Diffusers does: every call for euler_a
+    and for DDIM with η > 0, calls with t > 0 for DDPM."""
+    noise = partial(draw_noise, eps.shape, eps.dtype, eps.device, generator)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    x_next, state = SAMPLERS[schedule.sampler].step(schedule, i, x.to(compute), eps.to(compute), state, noise, eta)
+    return x_next.to(x.dtype), state
 
 
 def main() -> None:
@@ -360,7 +437,8 @@ def main() -> None:
     p.add_argument("--strength", type=float, default=1.0, help="img2img strength: run only the last steps")
     p.add_argument("--config", type=Path, help="a scheduler_config.json (default: SD 1.5's)")
     a = p.parse_args()
-    config = json.loads(a.config.read_text()) if a.config else SD15_SCHEDULER_CONFIG
+    raw, keys = json.loads(a.config.read_text()) if a.config else {}, {f.name for f in fields(SchedulerConfig)}
+    config = SchedulerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in keys})
     s = make_schedule(a.print_schedule, a.steps, config, a.karras, a.spacing, a.strength)
     print(f"timesteps: {[round(v, 4) for v in s.timesteps.tolist()]}")
     print(f"sigmas:    {[round(v, 4) for v in s.sigmas.tolist()]}")

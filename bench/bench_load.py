@@ -1,10 +1,11 @@
 """Load full-size SD 1.5 weights from safetensors, ours against Diffusers/Transformers, in the same run:
-  --checkpoint unet         the Diffusers-layout UNet: ours `models.unet.load_unet` against
+  --checkpoint unet         the Diffusers-layout UNet: ours `models.loading.load_component(folder, "unet")` against
                             `UNet2DConditionModel.from_pretrained`
-  --checkpoint text-encoder the Diffusers-layout text encoder: ours `models.clip.load_text_encoder` against
+  --checkpoint text-encoder the Diffusers-layout text encoder: ours `load_component(folder, "text_encoder")` against
                             Transformers' `CLIPTextModel.from_pretrained`
-  --checkpoint single-file  the original LDM single file (text encoder, UNet, VAE): ours `models.ldm.load_single_file`
-                            against `StableDiffusionPipeline.from_single_file(path, config=folder)`
+  --checkpoint single-file  the original LDM single file (text encoder, UNet, VAE): ours
+                            `models.loading.load_single_file` against
+                            `StableDiffusionPipeline.from_single_file(path, config=folder)`
 Ours builds the networks on the meta device and assigns memory-mapped tensors; everything is float32 on the CPU.
 
 Each load runs in a fresh subprocess, so its time and peak RSS (resource.getrusage ru_maxrss) are its own; the
@@ -48,16 +49,12 @@ def loader_for(loader: str, checkpoint: str, folder: Path):
     path = folder / CHECKPOINTS[checkpoint]
     if loader == "ours":
         sys.path.insert(0, str(ROOT))
+        from models.loading import load_component, load_single_file
+
         if checkpoint == "unet":
-            from models.unet import load_unet
-
-            return lambda: [load_unet(folder)]
+            return lambda: [load_component(folder, "unet")]
         if checkpoint == "text-encoder":
-            from models.clip import load_text_encoder
-
-            return lambda: [load_text_encoder(folder)]
-        from models.ldm import load_single_file
-
+            return lambda: [load_component(folder, "text_encoder")]
         return lambda: list(load_single_file(path))  # SD 1.5 configs built in: no config folder needed
 
     if checkpoint == "text-encoder":

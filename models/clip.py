@@ -3,19 +3,16 @@
 Radford et al. 2021, "Learning Transferable Visual Models From Natural Language Supervision" (arXiv:2103.00020),
 Sec. 2.4: a GPT-2 style pre-LayerNorm transformer with a causal mask. SD 1.5 conditions on the last hidden
 state, after the final LayerNorm (Rombach et al. 2022, arXiv:2112.10752, Sec. 3.3). Parameter names equal the
-checkpoint's (minus its `text_model.` prefix, which `models.loading` strips).
+checkpoint's (minus its `text_model.` prefix, which `models.ldm.QUIRKS` strips).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from models.loading import build, load_safetensors, read_config, weights_file
 
 
 @dataclass(frozen=True)
@@ -124,10 +121,3 @@ class CLIPTextModel(nn.Module):
         for layer in self.encoder.layers[: len(self.encoder.layers) - skip]:
             x = layer(x)
         return self.final_layer_norm(x)
-
-
-def load_text_encoder(folder: Path, dtype: torch.dtype | None = None, device=None) -> CLIPTextModel:
-    """The text encoder of a Diffusers-layout folder (`text_encoder/config.json` + `model.safetensors`)."""
-    cfg = read_config(CLIPTextConfig, folder / "text_encoder" / "config.json")
-    path = weights_file(folder, "text_encoder", half=dtype == torch.float16)
-    return build(CLIPTextModel, cfg, load_safetensors(path), str(path), dtype=dtype, device=device)

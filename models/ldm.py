@@ -1,33 +1,69 @@
-"""Original single-file checkpoints (`v1-5-pruned-emaonly.safetensors` and fine-tunes shaped like it).
+"""Checkpoint key names -> ours (= Diffusers'): pure functions from state dict to state dict, no file I/O.
 
-The CompVis latent-diffusion code saved the whole `LatentDiffusion` module as one state dict: the UNet under
-`model.diffusion_model.`, the VAE under `first_stage_model.`, the CLIP text encoder under
-`cond_stage_model.transformer.` (Transformers' names, with or without `text_model.`), next to the DDPM noise
-schedule buffers and, in some files, EMA bookkeeping. Our modules carry Diffusers' names, so this file renames:
-the tables below map each LDM block (`input_blocks.4.0`, `decoder.up.3.block.1`) onto a Diffusers block
-(`down_blocks.1.resnets.0`, `decoder.up_blocks.0.resnets.1`), then a parameter's name inside its block.
-The block indices follow from the config (layers per level, number of levels), so small test configs map too.
+Diffusers-layout folders already use our names, but for a few quirks of older writers (the table QUIRKS). Original
+single-file checkpoints (`v1-5-pruned-emaonly.safetensors` and fine-tunes shaped like it) are the whole CompVis
+`LatentDiffusion` module as one state dict: the UNet under `model.diffusion_model.`, the VAE under
+`first_stage_model.`, the CLIP text encoder under `cond_stage_model.transformer.` (Transformers' names, with or
+without `text_model.`), next to the DDPM noise schedule buffers and, in some files, EMA bookkeeping. The block tables
+below map each LDM block (`input_blocks.4.0`, `decoder.up.3.block.1`) onto a Diffusers block (`down_blocks.1.resnets.0`,
+`decoder.up_blocks.0.resnets.1`), then a parameter's name inside its block. The block indices follow from the config
+(layers per level, number of levels), so small test configs map too.
+
+A key that fits nowhere raises ValueError naming it; `models.loading` adds the file's name.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import re
 
 import torch
 
-from models.clip import CLIPTextConfig, CLIPTextModel
-from models.loading import WeightsError, build, load_safetensors, read_config
-from models.unet import UNet, UNetConfig
-from models.vae import AutoencoderKL, VAEConfig
+from models.unet import UNetConfig
+from models.vae import VAEConfig
 
-# Tensors of LDM's DDPM wrapper, not of any network, skipped by name: the noise schedule (scheduler.py recomputes
-# it), the per-timestep loss log-variance `logvar`, and the EMA bookkeeping.
-SCHEDULE_BUFFERS = {
-    "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
-    "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
-    "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2", "logvar",
-}  # fmt: skip
-EMA_PREFIX = "model_ema."  # full-EMA files keep a second copy of the UNet here; the emaonly files only counters
+# ----------------------------------------------------------------------------- checkpoint quirks
+
+# Every key quirk of the files we read, in one table: a regex matching a whole key -> the key it becomes (`\1` is the
+# first group), or None: the tensor belongs to no network we run and is dropped. The rows apply in order.
+QUIRKS: dict[str, str | None] = {
+    # CLIP: the official file (Transformers 4.22) stores the constant buffer `position_ids` = arange(77) and prefixes
+    # every key with `text_model.` (in a single file, after `cond_stage_model.transformer.`); Transformers 5 writes
+    # neither. We keep neither.
+    r".*embeddings\.position_ids": None,
+    r"(cond_stage_model\.transformer\.)?text_model\.(.*)": r"\1\2",
+    # VAE: files written before Diffusers 0.14 (the official SD 1.5 VAE among them) name the mid-block attention
+    # projections like this; Diffusers 0.42 still renames them on load.
+    r"(.*\.attentions\.\d+)\.query\.(weight|bias)": r"\1.to_q.\2",
+    r"(.*\.attentions\.\d+)\.key\.(weight|bias)": r"\1.to_k.\2",
+    r"(.*\.attentions\.\d+)\.value\.(weight|bias)": r"\1.to_v.\2",
+    r"(.*\.attentions\.\d+)\.proj_attn\.(weight|bias)": r"\1.to_out.0.\2",
+    # LDM single files: tensors of the DDPM wrapper, not of a network. The noise schedule (scheduler.py recomputes
+    # it), the per-timestep loss log-variance `logvar`, and the EMA bookkeeping (full-EMA files keep a second copy of
+    # the UNet under `model_ema.`, the emaonly files only its counters).
+    r"betas|alphas_cumprod|alphas_cumprod_prev|sqrt_alphas_cumprod|sqrt_one_minus_alphas_cumprod|"
+    r"log_one_minus_alphas_cumprod|sqrt_recip_alphas_cumprod|sqrt_recipm1_alphas_cumprod|posterior_variance|"
+    r"posterior_log_variance_clipped|posterior_mean_coef1|posterior_mean_coef2|logvar": None,
+    r"model_ema\..*": None,
+}
+_QUIRKS = [(re.compile(pattern), new) for pattern, new in QUIRKS.items()]
+
+
+def fix_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A file's state dict with QUIRKS applied to every key."""
+    out = {}
+    for key, v in state.items():
+        for pattern, new in _QUIRKS:
+            if m := pattern.fullmatch(key):
+                if new is None:
+                    break
+                key = m.expand(new)
+        else:
+            out[key] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- single files
+
 TEXT, UNET, VAE = "cond_stage_model.transformer.", "model.diffusion_model.", "first_stage_model."
 
 # Parameter names inside a block: LDM's name -> ours (unlisted names are the same in both).
@@ -98,7 +134,7 @@ def vae_blocks(cfg: VAEConfig) -> dict[str, tuple[str, dict[str, str]]]:
     return m
 
 
-def rename(state: dict[str, torch.Tensor], blocks: dict, prefix: str, source: str) -> dict[str, torch.Tensor]:
+def rename(state: dict[str, torch.Tensor], blocks: dict, prefix: str) -> dict[str, torch.Tensor]:
     """Map every `block.param_path` key through `blocks`; a key in no known block is an error naming it."""
     out = {}
     for key, v in state.items():
@@ -107,7 +143,7 @@ def rename(state: dict[str, torch.Tensor], blocks: dict, prefix: str, source: st
         heads = (".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1))
         head = next((h for h in heads if h in blocks), None)
         if head is None:
-            raise WeightsError(f"{source}: unexpected key {prefix}{key} (not part of an SD 1.5 checkpoint)")
+            raise ValueError(f"unexpected key {prefix}{key} (not part of an SD 1.5 checkpoint)")
         block, names = blocks[head]
         module, _, param = key[len(head) + 1 :].rpartition(".")  # ("in_layers.0", "weight"); ("", "bias")
         if names is VAE_ATTENTION and v.ndim == 4:
@@ -116,36 +152,14 @@ def rename(state: dict[str, torch.Tensor], blocks: dict, prefix: str, source: st
     return out
 
 
-def load_single_file(
-    path: Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None, config: Path | None = None
-) -> tuple[CLIPTextModel, UNet, AutoencoderKL]:
-    """Text encoder, UNet and VAE from one LDM-layout safetensors file. The configs are SD 1.5's (our dataclass
-    defaults), or those of the Diffusers-layout folder `config` (`text_encoder/`, `unet/`, `vae/config.json`)."""
-    path = Path(path)
-    state = load_safetensors(path)  # refuses pickles (.ckpt, ...): they can run code when loaded
-    if config is None:
-        text_cfg, unet_cfg, vae_cfg = CLIPTextConfig(), UNetConfig(), VAEConfig()
-    else:
-        text_cfg = read_config(CLIPTextConfig, Path(config) / "text_encoder" / "config.json")
-        unet_cfg = read_config(UNetConfig, Path(config) / "unet" / "config.json")
-        vae_cfg = read_config(VAEConfig, Path(config) / "vae" / "config.json")
-
+def split_single_file(
+    state: dict[str, torch.Tensor], unet_cfg: UNetConfig, vae_cfg: VAEConfig
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """One LDM-layout state dict -> the text encoder's, UNet's and VAE's state dicts, in our names."""
     parts: dict[str, dict[str, torch.Tensor]] = {TEXT: {}, UNET: {}, VAE: {}}
-    for key, v in state.items():
-        if key in SCHEDULE_BUFFERS or key.startswith(EMA_PREFIX):
-            continue
+    for key, v in fix_keys(state).items():
         prefix = next((p for p in parts if key.startswith(p)), None)
         if prefix is None:
-            raise WeightsError(f"{path}: unexpected key {key} (not part of an SD 1.5 checkpoint)")
+            raise ValueError(f"unexpected key {key} (not part of an SD 1.5 checkpoint)")
         parts[prefix][key.removeprefix(prefix)] = v
-
-    def source(prefix: str) -> str:
-        return f"{path} [{prefix}*]"
-
-    unet_state = rename(parts[UNET], unet_blocks(unet_cfg), UNET, str(path))
-    vae_state = rename(parts[VAE], vae_blocks(vae_cfg), VAE, str(path))
-    return (
-        build(CLIPTextModel, text_cfg, parts[TEXT], source(TEXT), dtype, device),  # build strips `text_model.`
-        build(UNet, unet_cfg, unet_state, source(UNET), dtype, device),
-        build(AutoencoderKL, vae_cfg, vae_state, source(VAE), dtype, device),
-    )
+    return parts[TEXT], rename(parts[UNET], unet_blocks(unet_cfg), UNET), rename(parts[VAE], vae_blocks(vae_cfg), VAE)

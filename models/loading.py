@@ -1,11 +1,12 @@
-"""Weights: find a model's files (local folder or hub repo), read its configs, and load safetensors into
-modules built on the meta device.
+"""Weights: find a model's files (local folder, hub repo or one LDM file), read its configs, and load safetensors into
+modules built on the meta device. `load_model` is the one door for the driver; `load_component` and
+`load_single_file` load the networks of one folder component or one single file.
 
-Loading never runs a random initialisation and never copies a tensor twice: the module is built on the
-`meta` device (shapes only), then `load_state_dict(strict=True, assign=True)` makes the memory-mapped
-safetensors tensors the parameters themselves. Checkpoint quirks (CLIP's `position_ids` buffer and
-`text_model.` prefix, the VAE's legacy attention names) are handled in `_fix_keys`, and nowhere else.
-Pickled checkpoints (`.bin`, `.ckpt`, `.pt`) are never read: unpickling can run arbitrary code.
+Loading never runs a random initialisation and never copies a tensor twice: the module is built on the `meta`
+device (shapes only), then `load_state_dict(strict=True, assign=True)` makes the memory-mapped safetensors tensors
+the parameters themselves. Key names are `models.ldm`'s job (checkpoint quirks, the single-file layout); this file
+turns whatever goes wrong into a one-line WeightsError naming the file. Pickled checkpoints (`.bin`, `.ckpt`, `.pt`)
+are never read: unpickling can run arbitrary code.
 """
 
 from __future__ import annotations
@@ -14,11 +15,18 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
+
+from models import ldm
+from models.clip import CLIPTextConfig, CLIPTextModel
+from models.unet import UNet, UNetConfig
+from models.vae import AutoencoderKL, VAEConfig
+from scheduler import SD15_SCHEDULER_CONFIG, SchedulerConfig
+from tokenizer import CLIPTokenizer
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
@@ -33,23 +41,24 @@ class WeightsError(Exception):
 C = TypeVar("C")
 
 
-def read_json(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise WeightsError(f"missing config file {path}: the model folder is incomplete") from None
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"cannot parse {path}: {e}") from None
-
-
 def read_config(cls: type[C], path: Path) -> C:
     """Fill the frozen config dataclass `cls` from a Diffusers/Transformers `config.json`.
 
     Keys the dataclass does not have are ignored (the files carry many we never vary); missing keys keep
     the dataclass defaults, which are the SD 1.5 values. JSON lists become tuples so configs stay hashable.
+    A value the dataclass refuses (its `__post_init__` checks) is a WeightsError naming the file.
     """
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in read_json(path).items() if k in names})
+    path, names = Path(path), {f.name for f in dataclasses.fields(cls)}
+    try:
+        values = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise WeightsError(f"missing config file {path}: the model folder is incomplete") from None
+    except (OSError, ValueError) as e:
+        raise WeightsError(f"cannot parse {path}: {e}") from None
+    try:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
+    except (TypeError, ValueError) as e:
+        raise WeightsError(f"unsupported {path.parent.name}/{path.name} in {path.parent.parent}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- tensors
@@ -67,39 +76,10 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise WeightsError(f"missing weights file {path}: the model folder is incomplete")
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
+            return {k: f.get_tensor(k) for k in f.keys()}  # safe_open has no __iter__
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"cannot read {path}: not a valid safetensors file ({e}); re-download it") from None
 
-
-def _fix_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The one place that maps known checkpoint quirks onto our (= Diffusers') parameter names."""
-    out = {}
-    for k, v in state.items():
-        # CLIP: the official file (Transformers 4.22) prefixes every key with `text_model.` and stores the
-        # constant buffer `position_ids` = arange(77); Transformers 5 writes neither. We keep neither.
-        if k.endswith("embeddings.position_ids"):
-            continue
-        k = k.removeprefix("text_model.")
-        # VAE: files written before Diffusers 0.14 name the mid-block attention like this (the official SD 1.5
-        # VAE among them); Diffusers 0.42 still renames them on load.
-        for old, new in _LEGACY_VAE_ATTENTION.items():
-            if k.endswith(old) and ".attentions." in k:
-                k = k[: -len(old)] + new
-        out[k] = v
-    return out
-
-
-_LEGACY_VAE_ATTENTION = {
-    ".query.weight": ".to_q.weight",
-    ".query.bias": ".to_q.bias",
-    ".key.weight": ".to_k.weight",
-    ".key.bias": ".to_k.bias",
-    ".value.weight": ".to_v.weight",
-    ".value.bias": ".to_v.bias",
-    ".proj_attn.weight": ".to_out.0.weight",
-    ".proj_attn.bias": ".to_out.0.bias",
-}
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -107,7 +87,7 @@ M = TypeVar("M", bound=nn.Module)
 def build(
     module_cls: type[M], config: object, state: dict[str, torch.Tensor], source: str, dtype=None, device=None
 ) -> M:
-    """Build `module_cls(config)` on the meta device and assign `state` to it, strictly.
+    """Build `module_cls(config)` on the meta device and assign `state` (already in our names) to it, strictly.
 
     Every expected key must be present with its exact shape and no other key may be left over; errors name
     the file (`source`) and the first offending keys. `dtype` converts floating tensors (fp16 files can run in
@@ -119,15 +99,11 @@ def build(
     except ValueError as e:  # e.g. a block type SD 1.5 does not have
         raise WeightsError(f"{source}: the model's config.json is not supported: {e}") from None
     expected = model.state_dict()
-    state = _fix_keys(state)
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s), e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {', '.join(unexpected[:3])}")
+        problems = (("missing", missing), ("unexpected", unexpected))
+        parts = [f"{len(keys)} {what} key(s), e.g. {', '.join(keys[:3])}" for what, keys in problems if keys]
         raise WeightsError(
             f"{source} does not fit {module_cls.__name__}: {'; '.join(parts)} (wrong file or config.json?)"
         )
@@ -145,29 +121,23 @@ def build(
 
 # ----------------------------------------------------------------------------- model folders
 
-# What generation needs from a Diffusers-layout folder, and nothing else (no safety checker, no pickles).
-COMPONENT_WEIGHTS = {
-    "text_encoder": "model",
-    "unet": "diffusion_pytorch_model",
-    "vae": "diffusion_pytorch_model",
+# The official (Diffusers) layout of the networks: <folder>/<component>/config.json, read into the config dataclass,
+# and <stem>.safetensors (or <stem>.fp16.safetensors), loaded into the module. Nothing else is ever read (no safety
+# checker, no pickles).
+LAYOUT = {  # component: (weights file stem, config dataclass, module)
+    "text_encoder": ("model", CLIPTextConfig, CLIPTextModel),
+    "unet": ("diffusion_pytorch_model", UNetConfig, UNet),
+    "vae": ("diffusion_pytorch_model", VAEConfig, AutoencoderKL),
 }
-CONFIG_FILES = [
-    "model_index.json",
-    "scheduler/scheduler_config.json",
-    "text_encoder/config.json",
-    "unet/config.json",
-    "vae/config.json",
-    "tokenizer/merges.txt",
-    "tokenizer/vocab.json",
-    "tokenizer/tokenizer_config.json",
-    "tokenizer/special_tokens_map.json",
+CONFIG_FILES = ["model_index.json", "scheduler/scheduler_config.json", *(f"{c}/config.json" for c in LAYOUT)] + [
+    f"tokenizer/{name}" for name in ("merges.txt", "vocab.json", "tokenizer_config.json", "special_tokens_map.json")
 ]
 
 
 def weights_file(folder: Path, component: str, half: bool) -> Path:
     """The safetensors file of a component, preferring the `.fp16` variant when running in float16 (bfloat16
     reads the float32 file: going through fp16 would round twice)."""
-    stem = folder / component / COMPONENT_WEIGHTS[component]
+    stem = folder / component / LAYOUT[component][0]
     candidates = [stem.with_name(stem.name + ".fp16.safetensors")] if half else []
     candidates.append(stem.with_name(stem.name + ".safetensors"))
     for path in candidates:
@@ -202,11 +172,11 @@ def _download(repo_id: str, half: bool) -> Path:
 
     suffix = ".fp16.safetensors" if half else ".safetensors"
     try:
-        patterns = CONFIG_FILES + [f"{c}/{stem}{suffix}" for c, stem in COMPONENT_WEIGHTS.items()]
+        patterns = CONFIG_FILES + [f"{c}/{stem}{suffix}" for c, (stem, _, _) in LAYOUT.items()]
         folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
-        missing = [c for c, stem in COMPONENT_WEIGHTS.items() if not (folder / c / f"{stem}{suffix}").is_file()]
+        missing = [c for c, (stem, _, _) in LAYOUT.items() if not (folder / c / f"{stem}{suffix}").is_file()]
         if half and missing:
-            patterns = [f"{c}/{COMPONENT_WEIGHTS[c]}.safetensors" for c in missing]
+            patterns = [f"{c}/{LAYOUT[c][0]}.safetensors" for c in missing]
             folder = Path(snapshot_download(repo_id, allow_patterns=patterns))
         return folder
     except LocalEntryNotFoundError:
@@ -218,3 +188,84 @@ def _download(repo_id: str, half: bool) -> Path:
         raise WeightsError(f"hub repo {repo_id} not found (or gated); check the name or pass a local folder") from None
     except (HfHubHTTPError, OSError) as e:
         raise WeightsError(f"download of {repo_id} failed ({type(e).__name__}: {e}); pass a local folder") from None
+
+
+# ----------------------------------------------------------------------------- the networks
+
+
+def read_network_configs(config_dir: Path | None) -> tuple[CLIPTextConfig, UNetConfig, VAEConfig]:
+    """The networks' configs from a Diffusers-layout folder; without one SD 1.5's (the dataclass defaults)."""
+    if config_dir is None:
+        return CLIPTextConfig(), UNetConfig(), VAEConfig()
+    text, unet, vae = (read_config(cls, config_dir / name / "config.json") for name, (_, cls, _) in LAYOUT.items())
+    return text, unet, vae
+
+
+def _component(folder: Path, name: str, config: object, dtype, device) -> nn.Module:
+    path = weights_file(folder, name, half=dtype == torch.float16)
+    return build(LAYOUT[name][2], config, ldm.fix_keys(load_safetensors(path)), str(path), dtype, device)
+
+
+def load_component(
+    folder: Path, name: str, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> CLIPTextModel | UNet | AutoencoderKL:
+    """The network `name` ("text_encoder", "unet" or "vae") of a Diffusers-layout folder: `<name>/config.json` and
+    its safetensors file (the `.fp16` one when running in float16 and the folder has one)."""
+    folder = Path(folder)
+    return _component(folder, name, read_config(LAYOUT[name][1], folder / name / "config.json"), dtype, device)
+
+
+def _single_file(path: Path, configs: tuple, dtype, device) -> tuple[CLIPTextModel, UNet, AutoencoderKL]:
+    state = load_safetensors(path)  # refuses pickles (.ckpt, ...): they can run code when loaded
+    try:
+        text, unet, vae = ldm.split_single_file(state, configs[1], configs[2])
+    except ValueError as e:  # a key that is in no network
+        raise WeightsError(f"{path}: {e}") from None
+    return (
+        build(CLIPTextModel, configs[0], text, f"{path} [{ldm.TEXT}*]", dtype, device),
+        build(UNet, configs[1], unet, f"{path} [{ldm.UNET}*]", dtype, device),
+        build(AutoencoderKL, configs[2], vae, f"{path} [{ldm.VAE}*]", dtype, device),
+    )
+
+
+def load_single_file(
+    path: Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None, config: Path | None = None
+) -> tuple[CLIPTextModel, UNet, AutoencoderKL]:
+    """Text encoder, UNet and VAE from one LDM-layout safetensors file. The configs are SD 1.5's (our dataclass
+    defaults), or those of the Diffusers-layout folder `config` (`text_encoder/`, `unet/`, `vae/config.json`)."""
+    return _single_file(Path(path), read_network_configs(None if config is None else Path(config)), dtype, device)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class Model(NamedTuple):
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel
+    unet: UNet
+    vae: AutoencoderKL
+    scheduler_config: SchedulerConfig
+
+
+def load_model(model: str | Path, dtype: torch.dtype, device: torch.device, config: str | Path | None = None) -> Model:
+    """Everything generation needs from a Diffusers-layout folder, a hub repo id (the fp16 files when `dtype` is
+    float16) or an original single-file checkpoint (configs: SD 1.5's built in, or the Diffusers folder `config`)."""
+    path = resolve_model(str(model), half=dtype == torch.float16)
+    config_dir = Path(config) if config else (None if path.is_file() else path)
+    # Every config before any weights: a model our samplers cannot run (v-prediction, other betas, ...) or a broken
+    # config.json is refused at once, not after gigabytes of weights were read.
+    scheduler_config = SD15_SCHEDULER_CONFIG
+    if config_dir is not None:
+        scheduler_config = read_config(SchedulerConfig, config_dir / "scheduler" / "scheduler_config.json")
+    configs = read_network_configs(config_dir)
+    if path.is_file():
+        networks = _single_file(path, configs, dtype, device)
+    else:
+        networks = tuple(_component(path, name, cfg, dtype, device) for name, cfg in zip(LAYOUT, configs, strict=True))
+    tokenizer = CLIPTokenizer()  # OpenAI's vocabulary, shipped in tokenizer/
+    if config_dir is not None:
+        try:
+            tokenizer = CLIPTokenizer.from_folder(config_dir / "tokenizer")
+        except (OSError, ValueError, KeyError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise WeightsError(f"cannot read the tokenizer files in {config_dir / 'tokenizer'}: {e}") from None
+    return Model(tokenizer, *networks, scheduler_config)

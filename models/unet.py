@@ -13,13 +13,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-from models.loading import build, load_safetensors, read_config, weights_file
 
 TRANSFORMER_NORM_EPS = 1e-6  # GroupNorm before each spatial transformer (LDM's Normalize(); hard-coded in Diffusers)
 MAX_PERIOD = 10_000  # sinusoidal embedding: wavelengths from 2*pi to 2*pi*10000 (Vaswani et al. 2017, sec. 3.5)
@@ -42,7 +39,6 @@ class UNetConfig:
     flip_sin_to_cos: bool = True  # the timestep embedding is [cos, sin], not [sin, cos]
     freq_shift: int = 0
     downsample_padding: int = 1
-    sample_size: int = 64  # the latent size it was trained at (512 px / 8); any size works
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -301,12 +297,3 @@ class UNet(nn.Module):
                 x = level.upsamplers[0](x, size=skips[-1].shape[-2:])  # to the size of the next skip
 
         return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, C0, H, W) -> (B, 4, H, W)
-
-
-def load_unet(folder: Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> UNet:
-    """The UNet of a Diffusers-layout model folder, built on the meta device and assigned its safetensors weights
-    (the `.fp16` file when running in half precision and the folder has one)."""
-    folder = Path(folder)
-    config = read_config(UNetConfig, folder / "unet" / "config.json")
-    path = weights_file(folder, "unet", half=dtype == torch.float16)
-    return build(UNet, config, load_safetensors(path), str(path), dtype=dtype, device=device)

@@ -4,19 +4,17 @@ A KL-regularised VAE: the encoder maps an image x in [-1, 1] to a diagonal Gauss
 log-variance); the decoder maps a latent z back to an image. Generation only needs the decoder; img2img also
 encodes. Both halves are ResNet blocks (the UNet's, without a time embedding) around a middle block with one
 single-head self-attention. Parameter names equal the Diffusers checkpoint keys, so loading is one strict
-`load_state_dict` (see `models.loading.build`).
+`load_state_dict` (`models.loading` does it).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.loading import build, load_safetensors, read_config, weights_file
 from models.unet import Downsample, ResnetBlock2D, Upsample
 
 EPS = 1e-6  # every GroupNorm of the VAE (Diffusers' Encoder/Decoder hard-code it; the UNet uses 1e-5)
@@ -36,11 +34,11 @@ class VAEConfig:
     # variance. Source: LDM configs/stable-diffusion/v1-inference.yaml `scale_factor: 0.18215`; the official SD 1.5
     # vae/config.json has no such key and Diffusers' AutoencoderKL defaults it to the same value.
     scaling_factor: float = 0.18215
-    sample_size: int = 512  # the image size (pixels) the model was trained at
 
 
-class Attention(nn.Module):
-    """Single-head self-attention over all H*W positions, with a GroupNorm in front and a residual around it."""
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions, with a GroupNorm in front and a residual around it (LDM's
+    `AttnBlock`; not the UNet's multi-head `Attention`)."""
 
     def __init__(self, channels: int, groups: int):
         super().__init__()
@@ -65,7 +63,7 @@ class MidBlock(nn.Module):
     def __init__(self, channels: int, groups: int):
         super().__init__()
         self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, None, groups, EPS) for _ in range(2)])
-        self.attentions = nn.ModuleList([Attention(channels, groups)])
+        self.attentions = nn.ModuleList([AttnBlock(channels, groups)])
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.resnets[0](x)
@@ -159,7 +157,7 @@ class AutoencoderKL(nn.Module):
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
 
     @property
-    def scale_factor(self) -> int:
+    def downsample_factor(self) -> int:
         """Pixels per latent along each side (8 for SD 1.5): one halving per level but the last.
 
         Not to be confused with `config.scaling_factor`, which scales latent VALUES.
@@ -180,19 +178,8 @@ class AutoencoderKL(nn.Module):
         return self.decoder(self.post_quant_conv(z))
 
 
-def sample_latent(mean: Tensor, logvar: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """z = mean + std * eps, eps ~ N(0, I): a draw from the encoder's posterior (the reparameterisation trick).
-
-    eps is drawn exactly as Diffusers' `latent_dist.sample(generator)` draws it (shape and dtype of the mean, on the
-    generator's device, then moved), so the same seeded generator gives the same z.
-    """
-    device = generator.device if generator is not None else mean.device
-    eps = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype).to(mean.device)
-    return mean + torch.exp(0.5 * logvar) * eps
-
-
-def load_vae(folder: Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> AutoencoderKL:
-    """The VAE of a Diffusers-layout model folder (`vae/config.json` + safetensors), built without a random init."""
-    config = read_config(VAEConfig, folder / "vae" / "config.json")
-    path = weights_file(folder, "vae", half=dtype == torch.float16)
-    return build(AutoencoderKL, config, load_safetensors(path), str(path), dtype=dtype, device=device)
+def sample_latent(mean: Tensor, logvar: Tensor, noise: Tensor) -> Tensor:
+    """z = mean + std * eps with eps = `noise` ~ N(0, I): a draw from the encoder's posterior (the reparameterisation
+    trick). Draw eps as Diffusers' `latent_dist.sample(generator)` does (shape and dtype of the mean, on the
+    generator's device, then moved to the mean's) and the same seeded generator gives the same z."""
+    return mean + torch.exp(0.5 * logvar) * noise

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +186,31 @@ def assert_images_close(got, want, atol: float) -> None:
     assert got.shape == want.shape and got.dtype == want.dtype == np.float32, (got.shape, want.shape, got.dtype)
     g, w = torch.from_numpy(got), torch.from_numpy(want)
     torch.testing.assert_close(g, w, atol=atol, rtol=0, msg=lambda m: f"{m}\n{max_diff(g, w)}")
+
+
+def run_both(ours, ref, prompt, negative_prompt="", *, init_image=None, reference_embeds=None, **settings):
+    """generate() and the Diffusers pipeline `ref` on the same prompt(s), init image and settings, both as float32
+    (N, H, W, 3) arrays. Settings use our names (min_pipeline.Settings) and are translated for Diffusers, which gets
+    every one explicitly (its defaults differ: 50 steps, the UNet's sample size) and the img2img pipeline when there
+    is an init image. `reference_embeds` = (prompt_embeds, negative_prompt_embeds) replaces the reference's text."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from min_pipeline import Settings, generate
+
+    s = Settings(**settings)
+    got = generate(ours, prompt, negative_prompt, init_image=init_image, output_type="np", progress=False, **asdict(s))
+    ref = with_scheduler(ref, s.scheduler, s.karras)
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else negative_prompt
+    text = dict(prompt=prompts, negative_prompt=negatives)
+    if reference_embeds is not None:
+        text = dict(prompt_embeds=reference_embeds[0], negative_prompt_embeds=reference_embeds[1])
+    kwargs = dict(num_inference_steps=s.steps, guidance_scale=s.guidance_scale, num_images_per_prompt=s.num_images,
+                  eta=s.eta, generator=torch.Generator().manual_seed(s.seed), output_type="np")  # fmt: skip
+    if init_image is None:
+        kwargs |= dict(height=s.height, width=s.width)
+    else:
+        ref = StableDiffusionImg2ImgPipeline(**ref.components)
+        ref.set_progress_bar_config(disable=True)
+        kwargs |= dict(image=init_image, strength=s.strength)
+    return got, ref(**text, **kwargs).images

@@ -115,26 +115,11 @@ def test_cli_numbers_several_images_and_img2img(tiny_model_dir, tmp_path):
 
 
 def test_parameters_round_trip_with_commas_and_newlines():
-    from argparse import Namespace
+    from min_pipeline import Settings, parameters_text
 
-    from min_pipeline import parameters_text
-
-    args = Namespace(
-        prompt="a, b\nc: d",
-        negative_prompt="e, f",
-        steps=20,
-        scheduler="euler_a",
-        karras=False,
-        guidance_scale=7.5,
-        seed=1,
-        model="C:/models/sd, v1.5",
-        num_images=1,
-        clip_skip=None,
-        init_image=None,
-        strength=0.8,
-        eta=0.0,
-    )
-    params = read_parameters(parameters_text(args, 512, 768))
+    settings = Settings(steps=20, scheduler="euler_a", seed=1)
+    text = parameters_text(settings, "a, b\nc: d", "e, f", (512, 768), model="C:/models/sd, v1.5")
+    params = read_parameters(text)
     assert params == {
         "prompt": "a, b\nc: d",
         "negative_prompt": "e, f",
@@ -145,6 +130,13 @@ def test_parameters_round_trip_with_commas_and_newlines():
         "Size": "512x768",
         "Model": "C:/models/sd, v1.5",
     }
+
+
+def test_cli_creates_missing_output_folders(tiny_model_dir, tmp_path):
+    out = tmp_path / "results" / "foxes" / "fox.png"
+    args = ["--prompt", "x", "--steps", "1", "--height", "16", "--width", "16", "--device", "cpu", "--quiet"]
+    assert main([*args, "--model", str(tiny_model_dir), "--output", str(out)]) == 0
+    assert Image.open(out).size == (16, 16)
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +172,7 @@ BAD_INPUTS = {
     "model-folder": (["--model", "{tmp}/no-model"], "does not exist"),
     "model-files": (["--model", "{missing}"], "missing weights file"),
     "model-shape": (["--model", "{wrong}"], "conv_in.weight has shape (3, 4, 3, 3)"),
-    "output-dir": (["--output", "{tmp}/no/such/dir/x.png"], "cannot write to"),
+    "output-dir": (["--output", "{tmp}/garbage.png/x.png"], "cannot write to"),
     "output-suffix": (["--output", "{tmp}/x.jpg"], "must be a .png file name"),
     "pickle": (["--model", "{tmp}/model.ckpt"], "pickles, which can run arbitrary code"),
     "karras-ddim": (["--scheduler", "ddim", "--karras"], "karras"),

@@ -1,5 +1,6 @@
 """End to end: generate() equals Diffusers' StableDiffusionPipeline / StableDiffusionImg2ImgPipeline on the same
-saved folders, seed and settings (fp32, CPU, output_type="np")."""
+saved folders, seed and settings (fp32, CPU, output_type="np"). `run_both` (conftest) calls both with one set of
+settings, so each test states only its case."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import DIFFUSERS_SCHEDULERS, assert_images_close, with_scheduler
-from min_pipeline import generate, load_pipeline
+from conftest import DIFFUSERS_SCHEDULERS, assert_images_close, run_both, with_scheduler
+from min_pipeline import decode, generate, load_pipeline
 
 PROMPTS = ["a red fox in snow", "an astronaut riding a horse, 8k"]
 
@@ -37,94 +38,26 @@ def tiny(tiny_model_dir):
 
 
 # Non-square; the tiny VAE down-samples by 2, so 40x24 pixels is a 20x12 latent (not a multiple of 8).
-H, W, STEPS = 40, 24, 5
+SIZE = dict(height=40, width=24, steps=5)
 
 
 @pytest.mark.parametrize("negative", ["", "blurry, low quality"])
 @pytest.mark.parametrize("guidance", [1.0, 7.5])
 @pytest.mark.parametrize("sampler", list(DIFFUSERS_SCHEDULERS))
 def test_txt2img_matches_diffusers(tiny, sampler, guidance, negative):
-    ours, ref = tiny
-    with_scheduler(ref, sampler)
-    got = generate(
-        ours,
-        PROMPTS,
-        negative,
-        scheduler=sampler,
-        steps=STEPS,
-        guidance_scale=guidance,
-        height=H,
-        width=W,
-        seed=3,
-        num_images=2,
-        output_type="np",
-        progress=False,
-    )
-    want = ref(
-        PROMPTS,
-        negative_prompt=[negative] * 2 if negative else None,
-        num_inference_steps=STEPS,
-        guidance_scale=guidance,
-        height=H,
-        width=W,
-        num_images_per_prompt=2,
-        generator=torch.Generator().manual_seed(3),
-        output_type="np",
-    ).images
+    got, want = run_both(*tiny, PROMPTS, negative, scheduler=sampler, guidance_scale=guidance, seed=3, num_images=2,
+                         **SIZE)  # fmt: skip
     assert_images_close(got, want, atol=1e-4)
 
 
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
 def test_txt2img_karras_matches_diffusers(tiny, sampler):
-    ours, ref = tiny
-    with_scheduler(ref, sampler, karras=True)
-    got = generate(
-        ours,
-        PROMPTS[0],
-        scheduler=sampler,
-        karras=True,
-        steps=STEPS,
-        height=H,
-        width=W,
-        seed=1,
-        output_type="np",
-        progress=False,
-    )
-    want = ref(
-        PROMPTS[0],
-        num_inference_steps=STEPS,
-        height=H,
-        width=W,
-        generator=torch.Generator().manual_seed(1),
-        output_type="np",
-    ).images
+    got, want = run_both(*tiny, PROMPTS[0], scheduler=sampler, karras=True, seed=1, **SIZE)
     assert_images_close(got, want, atol=1e-4)
 
 
 def test_ddim_eta_matches_diffusers(tiny):
-    ours, ref = tiny
-    with_scheduler(ref, "ddim")
-    got = generate(
-        ours,
-        PROMPTS[0],
-        scheduler="ddim",
-        eta=0.7,
-        steps=STEPS,
-        height=H,
-        width=W,
-        seed=5,
-        output_type="np",
-        progress=False,
-    )
-    want = ref(
-        PROMPTS[0],
-        eta=0.7,
-        num_inference_steps=STEPS,
-        height=H,
-        width=W,
-        generator=torch.Generator().manual_seed(5),
-        output_type="np",
-    ).images
+    got, want = run_both(*tiny, PROMPTS[0], scheduler="ddim", eta=0.7, seed=5, **SIZE)
     assert_images_close(got, want, atol=1e-4)
 
 
@@ -132,39 +65,20 @@ def test_ddim_eta_matches_diffusers(tiny):
 def test_clip_skip_matches_diffusers(tiny, clip_skip):
     """Clip skip on the prompt AND the negative prompt (A1111's behaviour; Diffusers' pipeline applies it to the
     positive prompt only, so the reference gets explicit embeddings computed with clip skip on both)."""
-    ours, ref = tiny
-    with_scheduler(ref, "euler")
-    negative = "ugly"
-    got = generate(
-        ours,
-        PROMPTS,
-        negative,
-        steps=STEPS,
-        height=H,
-        width=W,
-        seed=2,
-        clip_skip=clip_skip,
-        output_type="np",
-        progress=False,
-    )
-    want = ref(
-        prompt_embeds=clip_skip_embeds(ref, PROMPTS, clip_skip),
-        negative_prompt_embeds=clip_skip_embeds(ref, [negative] * 2, clip_skip),
-        num_inference_steps=STEPS,
-        height=H,
-        width=W,
-        generator=torch.Generator().manual_seed(2),
-        output_type="np",
-    ).images
+    ref = tiny[1]
+    embeds = clip_skip_embeds(ref, PROMPTS, clip_skip), clip_skip_embeds(ref, ["ugly"] * 2, clip_skip)
+    got, want = run_both(*tiny, PROMPTS, "ugly", reference_embeds=embeds, seed=2, clip_skip=clip_skip, **SIZE)
     assert_images_close(got, want, atol=1e-4)
 
 
 def test_pil_output_is_rounded_like_diffusers(tiny):
     ours, ref = tiny
     with_scheduler(ref, "euler")
-    got = generate(ours, PROMPTS[0], steps=2, height=H, width=W, progress=False)
-    want = ref(PROMPTS[0], num_inference_steps=2, height=H, width=W, generator=torch.Generator().manual_seed(0)).images
-    assert len(got) == 1 and got[0].size == (W, H) and got[0].mode == "RGB"
+    got = generate(ours, PROMPTS[0], steps=2, height=40, width=24, progress=False)
+    want = ref(
+        PROMPTS[0], num_inference_steps=2, height=40, width=24, generator=torch.Generator().manual_seed(0)
+    ).images
+    assert len(got) == 1 and got[0].size == (24, 40) and got[0].mode == "RGB"
     diff = np.abs(np.asarray(got[0], dtype=int) - np.asarray(want[0], dtype=int))
     assert diff.max() <= 1, f"max abs pixel diff {diff.max()}"  # 1e-4 in [0, 1] may flip a rounding
 
@@ -177,35 +91,9 @@ def init_image(w: int, h: int) -> Image.Image:
 @pytest.mark.parametrize("strength", [0.5, 0.75])
 @pytest.mark.parametrize("sampler", ["euler", "ddim"])
 def test_img2img_matches_diffusers(tiny, sampler, strength):
-    from diffusers import StableDiffusionImg2ImgPipeline
-
-    ours, ref = tiny
-    ref = StableDiffusionImg2ImgPipeline(**with_scheduler(ref, sampler).components)
-    ref.set_progress_bar_config(disable=True)
     image = init_image(45, 37)  # odd sizes: cut down to 44x36, a multiple of the tiny VAE's factor 2
-    got = generate(
-        ours,
-        PROMPTS[0],
-        "blurry",
-        scheduler=sampler,
-        steps=8,
-        init_image=image,
-        strength=strength,
-        seed=4,
-        num_images=2,
-        output_type="np",
-        progress=False,
-    )
-    want = ref(
-        PROMPTS[0],
-        image=image,
-        negative_prompt="blurry",
-        strength=strength,
-        num_inference_steps=8,
-        num_images_per_prompt=2,
-        generator=torch.Generator().manual_seed(4),
-        output_type="np",
-    ).images
+    got, want = run_both(*tiny, PROMPTS[0], "blurry", init_image=image, scheduler=sampler, steps=8, strength=strength,
+                         seed=4, num_images=2)  # fmt: skip
     assert got.shape == (2, 36, 44, 3)
     assert_images_close(got, want, atol=1e-4)
 
@@ -215,38 +103,15 @@ def test_sd15_txt2img_matches_diffusers(sd15_model_dir, sampler):
     """The true SD 1.5 configs (random weights): 256x256, 4 steps, CFG 7.5. atol 1e-4 on [0, 1] pixels, as for the
     tiny model (measured: bit-identical on an x86 CPU, since both run the same kernels in the same order)."""
     ours = load_pipeline(str(sd15_model_dir), device="cpu", dtype=torch.float32)
-    got = generate(
-        ours,
-        PROMPTS[0],
-        "blurry",
-        scheduler=sampler,
-        steps=4,
-        height=256,
-        width=256,
-        seed=0,
-        output_type="np",
-        progress=False,
-    )
-    del ours
-    ref = with_scheduler(reference_pipeline(sd15_model_dir), sampler)
-    want = ref(
-        PROMPTS[0],
-        negative_prompt="blurry",
-        num_inference_steps=4,
-        height=256,
-        width=256,
-        generator=torch.Generator().manual_seed(0),
-        output_type="np",
-    ).images
+    got, want = run_both(ours, reference_pipeline(sd15_model_dir), PROMPTS[0], "blurry", scheduler=sampler, steps=4,
+                         height=256, width=256)  # fmt: skip
     assert float(((want <= 0) | (want >= 1)).mean()) < 0.05  # not a saturated image, where any error would hide
     assert_images_close(got, want, atol=1e-4)
 
 
-def test_half_precision_vae_overflow_is_redone_in_float32(tiny_model_dir, capsys):
+def test_half_precision_vae_overflow_is_redone_in_float32(tiny_model_dir):
     """fp16 VAE decodes can overflow to inf (black images). The driver detects that, says so, and decodes again in
     float32: the result equals a float32 decode of the same latents."""
-    from min_pipeline import decode
-
     pipe = load_pipeline(str(tiny_model_dir), device="cpu", dtype=torch.float16)
     with torch.no_grad():
         # Activations beyond fp16's 65504 that the next GroupNorm would bring back to scale in float32.
@@ -254,17 +119,17 @@ def test_half_precision_vae_overflow_is_redone_in_float32(tiny_model_dir, capsys
     latents = torch.randn(1, 4, 6, 5, generator=torch.Generator().manual_seed(0)).half()
     with torch.no_grad():
         assert not torch.isfinite(pipe.vae.decode(latents / pipe.vae.config.scaling_factor)).all()
-        got = decode(pipe, latents)
-    assert "decoding again in float32" in capsys.readouterr().err
-    assert pipe.vae.post_quant_conv.weight.dtype == torch.float32
+        with pytest.warns(UserWarning, match="decoding again in float32"):
+            got = decode(pipe, latents)
+    assert pipe.vae_dtype == pipe.vae.post_quant_conv.weight.dtype == torch.float32
     with torch.no_grad():
         want = pipe.vae.decode(latents.float() / pipe.vae.config.scaling_factor)
     want = (want / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
     assert np.isfinite(got).all()
     assert_images_close(got, want, atol=1e-6)
     # The float32 VAE stays, and later calls (txt2img and img2img) feed it float32 inputs.
-    images = generate(pipe, "x", steps=1, height=H, width=W, output_type="np", progress=False)
-    images2 = generate(pipe, "x", steps=2, init_image=Image.new("RGB", (W, H)), output_type="np", progress=False)
+    images = generate(pipe, "x", steps=1, height=40, width=24, output_type="np", progress=False)
+    images2 = generate(pipe, "x", steps=2, init_image=Image.new("RGB", (24, 40)), output_type="np", progress=False)
     assert np.isfinite(images).all() and np.isfinite(images2).all()
 
 
@@ -274,14 +139,15 @@ def test_bfloat16_runs_close_to_float32(tiny, tiny_model_dir):
     ours, _ = tiny
     pipe = load_pipeline(str(tiny_model_dir), device="cpu", dtype=torch.bfloat16)
     assert pipe.unet.conv_in.weight.dtype == torch.bfloat16
-    kwargs = dict(steps=STEPS, height=H, width=W, seed=3, output_type="np", progress=False)
+    kwargs = dict(seed=3, output_type="np", progress=False, **SIZE)
     got, want = generate(pipe, PROMPTS[0], **kwargs), generate(ours, PROMPTS[0], **kwargs)
     assert got.dtype == np.float32
     assert_images_close(got, want, atol=0.1)
 
 
 @pytest.mark.parametrize("capability, warns", [("AVX2", True), ("AVX512", False)])
-def test_bfloat16_on_a_cpu_without_avx512_warns(tiny_model_dir, monkeypatch, capsys, capability, warns):
+def test_bfloat16_on_a_cpu_without_avx512_warns(tiny_model_dir, monkeypatch, recwarn, capability, warns):
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     load_pipeline(str(tiny_model_dir), device="cpu", dtype=torch.bfloat16)
-    assert ("bfloat16 on a CPU without AVX-512 is very slow" in capsys.readouterr().err) == warns
+    messages = [str(w.message) for w in recwarn]
+    assert any("bfloat16 on a CPU without AVX-512 is very slow" in m for m in messages) == warns, messages

@@ -9,6 +9,7 @@ Euler-type latents start at σ_max ≈ 14.6) and rtol = 0.
 import inspect
 import json
 import math
+import re
 import sys
 from functools import cache
 from pathlib import Path
@@ -20,6 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import scheduler as S  # noqa: E402
+from models.loading import WeightsError, read_config  # noqa: E402
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (  # noqa: E402
@@ -33,7 +35,9 @@ from diffusers import (  # noqa: E402
     StableDiffusionImg2ImgPipeline,
 )
 
-CONFIG = json.loads((ROOT / "tests/sd15_configs/scheduler/scheduler_config.json").read_text())
+CONFIG_FILE = ROOT / "tests/sd15_configs/scheduler/scheduler_config.json"
+CONFIG = json.loads(CONFIG_FILE.read_text())  # what the Diffusers references are built from
+OURS = read_config(S.SchedulerConfig, CONFIG_FILE)  # the same file as our loader reads it
 CLASSES = {
     "euler": EulerDiscreteScheduler,
     "euler_a": EulerAncestralDiscreteScheduler,
@@ -77,7 +81,7 @@ def assert_samples_close(ours, ref, what):
 def test_both_config_routes_give_each_class_its_own_default_spacing():
     for sampler, cls in CLASSES.items():
         direct, via_pipeline = cls.from_config(CONFIG), cls.from_config(pipeline_config())
-        assert direct.config.timestep_spacing == via_pipeline.config.timestep_spacing == S.DEFAULT_SPACING[sampler]
+        assert direct.config.timestep_spacing == via_pipeline.config.timestep_spacing == S.SAMPLERS[sampler].spacing
         assert direct.config.steps_offset == via_pipeline.config.steps_offset == 1
         direct.set_timesteps(50), via_pipeline.set_timesteps(50)
         assert torch.equal(direct.timesteps, via_pipeline.timesteps), sampler
@@ -87,12 +91,12 @@ def test_both_config_routes_give_each_class_its_own_default_spacing():
 @pytest.mark.parametrize("spacing", [None, "leading", "linspace", "trailing"])
 @pytest.mark.parametrize("sampler", S.SAMPLERS)
 def test_schedule_equals_diffusers(sampler, spacing, karras):
-    if karras and sampler not in S.KARRAS_SAMPLERS:
+    if karras and not S.SAMPLERS[sampler].karras:
         with pytest.raises(ValueError):
-            S.make_schedule(sampler, 10, CONFIG, karras=True)
+            S.make_schedule(sampler, 10, OURS, karras=True)
         return
     for steps in STEP_COUNTS:
-        ref, ours = reference(sampler, steps, karras, spacing), S.make_schedule(sampler, steps, CONFIG, karras, spacing)
+        ref, ours = reference(sampler, steps, karras, spacing), S.make_schedule(sampler, steps, OURS, karras, spacing)
         what = f"{sampler} spacing={spacing} karras={karras} steps={steps}"
         assert ours.timesteps.dtype == ref.timesteps.dtype, what
         if ours.timesteps.dtype == torch.int64:
@@ -112,7 +116,7 @@ def test_integer_grids_equal_diffusers_for_every_step_count(sampler, spacing):
     ref = reference(sampler, 1, spacing=spacing)
     for steps in range(1, 1000):  # (1000 steps "leading" asks for t = 1000, out of range, in both)
         ref.set_timesteps(steps)
-        ours = S.make_schedule(sampler, steps, CONFIG, spacing=spacing)
+        ours = S.make_schedule(sampler, steps, OURS, spacing=spacing)
         if len(ref.timesteps) != steps:  # Diffusers bug: np.arange(1000, 0, -1000 / n) can give n + 1 points
             assert (
                 spacing == "trailing"
@@ -125,12 +129,12 @@ def test_integer_grids_equal_diffusers_for_every_step_count(sampler, spacing):
 
 def test_sd15_leading_rule_and_ddim_final_alpha():
     assert S.sd15_leading_timesteps(50).tolist() == list(range(981, 0, -20))
-    ddim = S.make_schedule("ddim", 50, CONFIG)
+    ddim = S.make_schedule("ddim", 50, OURS)
     assert ddim.timesteps.tolist() == list(range(981, 0, -20))
-    abar = S.alphas_cumprod_from(CONFIG)
+    abar = S.alphas_cumprod_from(OURS)
     assert ddim.alpha_bar_prev[-1] == abar[0]  # set_alpha_to_one=False: not 1
     assert ddim.sigmas[-1].item() == pytest.approx(0.0292, abs=1e-4)
-    assert S.make_schedule("ddpm", 50, CONFIG).alpha_bar_prev[-1] == 1.0  # DDPM lands on ᾱ = 1
+    assert S.make_schedule("ddpm", 50, OURS).alpha_bar_prev[-1] == 1.0  # DDPM lands on ᾱ = 1
 
 
 def test_noise_schedule_closed_form():
@@ -139,11 +143,11 @@ def test_noise_schedule_closed_form():
     abar = torch.cumprod(1 - betas, 0)
     sigma = ((1 - abar) / abar) ** 0.5
     # float32 (as Diffusers) vs float64: a 1000-term float32 cumulative product drifts by ~1e-5 relative
-    torch.testing.assert_close(S.alphas_cumprod_from(CONFIG).double(), abar, rtol=5e-5, atol=0)
-    euler = S.make_schedule("euler", 1000, CONFIG)  # linspace over all 1000 timesteps: σ_999 ... σ_0, 0
+    torch.testing.assert_close(S.alphas_cumprod_from(OURS).double(), abar, rtol=5e-5, atol=0)
+    euler = S.make_schedule("euler", 1000, OURS)  # linspace over all 1000 timesteps: σ_999 ... σ_0, 0
     torch.testing.assert_close(euler.sigmas[:-1].double(), sigma.flip(0), rtol=5e-5, atol=0)
     assert (euler.sigmas[0].item(), euler.sigmas[-2].item()) == pytest.approx((14.6146, 0.029168), rel=1e-4)
-    train_sigmas = ((1 - S.alphas_cumprod_from(CONFIG)) / S.alphas_cumprod_from(CONFIG)) ** 0.5
+    train_sigmas = ((1 - S.alphas_cumprod_from(OURS)) / S.alphas_cumprod_from(OURS)) ** 0.5
     t = torch.tensor([0.0, 1.0, 17.0, 500.0, 998.0, 999.0])
     torch.testing.assert_close(S.sigma_to_t(S.sigma_at(t, train_sigmas), train_sigmas), t.double(), rtol=0, atol=1e-4)
     t_frac = torch.tensor([0.25, 300.5, 998.75])  # between grid points: linear in σ vs linear in log σ
@@ -157,7 +161,7 @@ def test_karras_sigmas_follow_eq5():
     assert (sigmas[0].item(), sigmas[-1].item()) == pytest.approx((14.6146, 0.0292), rel=1e-12)
     steps = (sigmas ** (1 / 7)).diff()  # σ^(1/ρ) is linear in i
     torch.testing.assert_close(steps, steps[:1].expand(9), rtol=1e-9, atol=0)
-    dpm = S.make_schedule("dpmpp_2m", 10, CONFIG, karras=True)
+    dpm = S.make_schedule("dpmpp_2m", 10, OURS, karras=True)
     assert dpm.sigmas[-1] == 0 and dpm.timesteps[0] == 999 and dpm.timesteps[-1] == 0
 
 
@@ -212,7 +216,7 @@ def test_trajectory_equals_diffusers(sampler, steps, options):
     options = dict(options)  # (the parametrize dict is shared)
     eta = options.pop("eta", 0.0)
     ref = reference(sampler, steps, **options)
-    schedule = S.make_schedule(sampler, steps, CONFIG, **options)
+    schedule = S.make_schedule(sampler, steps, OURS, **options)
     latent = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0))
     assert schedule.init_noise_sigma == pytest.approx(float(ref.init_noise_sigma), rel=1e-6)
     ours = run_ours(schedule, latent * schedule.init_noise_sigma, torch.Generator().manual_seed(1), eta)
@@ -227,7 +231,7 @@ def test_img2img_truncation_and_noising_equal_diffusers(sampler, strength):
     ref = reference(sampler, steps)
     fake_pipe = SimpleNamespace(scheduler=ref)  # get_timesteps only touches pipe.scheduler
     timesteps, n_steps = StableDiffusionImg2ImgPipeline.get_timesteps(fake_pipe, steps, strength, "cpu")
-    schedule = S.make_schedule(sampler, steps, CONFIG, strength=strength)
+    schedule = S.make_schedule(sampler, steps, OURS, strength=strength)
     assert schedule.timesteps.tolist() == timesteps.tolist() and n_steps == int(steps * strength)
     g = torch.Generator().manual_seed(2)
     x0, noise = torch.randn((1, 4, 8, 8), generator=g), torch.randn((1, 4, 8, 8), generator=g)
@@ -238,15 +242,100 @@ def test_img2img_truncation_and_noising_equal_diffusers(sampler, strength):
 
 
 def test_builtin_sd15_config_is_the_official_file():
-    assert all(CONFIG[key] == value for key, value in S.SD15_SCHEDULER_CONFIG.items())
+    assert S.SD15_SCHEDULER_CONFIG == S.SchedulerConfig() == OURS
+    assert all(CONFIG[key] == getattr(OURS, key) for key in CONFIG if hasattr(OURS, key))
     for sampler in S.SAMPLERS:
-        a, b = S.make_schedule(sampler, 20, CONFIG), S.make_schedule(sampler, 20, S.SD15_SCHEDULER_CONFIG)
+        a, b = S.make_schedule(sampler, 20, OURS), S.make_schedule(sampler, 20, S.SD15_SCHEDULER_CONFIG)
         assert torch.equal(a.timesteps, b.timesteps) and torch.equal(a.sigmas, b.sigmas), sampler
 
 
 def test_strength_too_small_is_an_error():
     with pytest.raises(ValueError):
-        S.make_schedule("euler", 10, CONFIG, strength=0.05)
+        S.make_schedule("euler", 10, OURS, strength=0.05)
+
+
+def test_make_schedule_refuses_unknown_samplers_and_step_counts():
+    for args in [("pndm", 10), ("euler", 0), ("euler", 1001)]:
+        with pytest.raises(ValueError):
+            S.make_schedule(*args, OURS)
+
+
+REFUSED = [  # (key, value): what SD 1.5 does not sample with, and JSON values of the wrong type
+    ("prediction_type", "v_prediction"),
+    ("clip_sample", True),
+    ("beta_schedule", "squaredcos_cap_v2"),
+    ("timestep_spacing", "uniform"),
+    ("trained_betas", (0.001, 0.002)),
+    ("rescale_betas_zero_snr", True),
+    ("num_train_timesteps", "1000"),
+    ("num_train_timesteps", True),
+    ("num_train_timesteps", 1),
+    ("beta_start", 0.0),
+    ("beta_end", 1.0),
+    ("beta_start", "0.00085"),
+    ("steps_offset", "1"),
+    ("set_alpha_to_one", "false"),
+]
+
+
+@pytest.mark.parametrize("key,value", REFUSED, ids=lambda v: str(v))
+def test_scheduler_config_refuses_what_sd15_does_not_use(key, value, tmp_path):
+    with pytest.raises(ValueError, match="^" + re.escape(f"scheduler config {key}={value!r} is not supported; use ")):
+        S.SchedulerConfig(**{key: value})
+    (tmp_path / "scheduler_config.json").write_text(json.dumps(CONFIG | {key: value}))  # the loader's route
+    with pytest.raises((ValueError, WeightsError), match=key):
+        read_config(S.SchedulerConfig, tmp_path / "scheduler_config.json")
+
+
+def test_scheduler_config_accepts_the_supported_variants():
+    with pytest.raises(ValueError, match="v-prediction"):
+        S.SchedulerConfig(prediction_type="v_prediction")
+    variant = S.SchedulerConfig(
+        beta_schedule="linear", timestep_spacing="trailing", steps_offset=0, set_alpha_to_one=True
+    )
+    assert S.make_schedule("ddim", 10, variant).alpha_bar_prev[-1] == 1.0
+
+
+def test_sampler_records_agree_with_diffusers():
+    assert list(S.SAMPLERS) == list(CLASSES)  # iteration order: the CLI's list
+    for name, cls in CLASSES.items():
+        record, ref = S.SAMPLERS[name], reference(name, 10)
+        assert record.name == name
+        assert record.karras == ("use_karras_sigmas" in inspect.signature(cls.__init__).parameters), name
+        assert record.unet_calls == cls.order, name
+        x = torch.ones(1, 4, 2, 2)  # Diffusers scales the input exactly for the samplers that move x_0 + σ ε
+        assert (record.variable == S.EDM_X) == (not torch.equal(ref.scale_model_input(x, ref.timesteps[0]), x)), name
+
+
+@pytest.mark.parametrize("sampler,options,draws", [
+    ("euler", {}, [False] * 10), ("heun", {}, [False] * 19), ("dpmpp_2m", {}, [False] * 10),
+    ("ddim", {}, [False] * 10), ("ddim", {"eta": 0.5}, [True] * 10), ("euler_a", {}, [True] * 10),
+    ("ddpm", {}, [True] * 10), ("ddpm", {"spacing": "linspace"}, [True] * 9 + [False]),
+])  # fmt: skip
+def test_noise_is_drawn_only_by_the_calls_that_use_it(sampler, options, draws):
+    options = dict(options)  # (the parametrize dict is shared)
+    eta = options.pop("eta", 0.0)
+    schedule, g = S.make_schedule(sampler, 10, OURS, **options), torch.Generator().manual_seed(10)
+    x, state, drew = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(11)), None, []
+    for i, t in enumerate(schedule.timesteps):
+        before = g.get_state()
+        x, state = S.step(schedule, i, x, fake_eps(S.scale_model_input(schedule, i, x), t), state, g, eta=eta)
+        drew.append(not torch.equal(before, g.get_state()))
+    assert drew == draws
+
+
+def test_draw_noise_draws_on_the_generators_device_in_the_given_dtype():
+    ours = S.draw_noise((2, 3), torch.float16, "cpu", torch.Generator().manual_seed(12))
+    assert torch.equal(ours, torch.randn((2, 3), generator=torch.Generator().manual_seed(12), dtype=torch.float16))
+    torch.manual_seed(12)  # without a generator: the global RNG
+    assert torch.equal(S.draw_noise((2, 3), torch.float16, "cpu", None), ours)
+    # in half precision a step draws its ε in eps's dtype, before computing in float32 (as Diffusers' randn_tensor)
+    schedule = S.make_schedule("euler_a", 10, OURS)
+    x, eps = torch.ones((1, 4, 2, 2), dtype=torch.float16), torch.zeros((1, 4, 2, 2), dtype=torch.float16)
+    out, _ = S.step(schedule, 0, x, eps, None, torch.Generator().manual_seed(13))
+    noise = S.draw_noise(eps.shape, torch.float16, "cpu", torch.Generator().manual_seed(13))
+    expected = S.euler_ancestral_step(x.float(), eps.float(), schedule.sigmas[0], schedule.sigmas[1], noise)
+    assert out.dtype == torch.float16 and torch.equal(out, expected.half())
 
 
 # ----------------------------------------------------------------------------- the math itself
@@ -258,7 +347,7 @@ def test_ddim_eta0_is_exact_for_the_true_noise():
     g = torch.Generator().manual_seed(4)
     x0, e = torch.randn((1, 4, 8, 8), generator=g, dtype=torch.float64), torch.randn((1, 4, 8, 8), generator=g)
     e = e.double()
-    schedule = S.make_schedule("ddim", 25, CONFIG)
+    schedule = S.make_schedule("ddim", 25, OURS)
     abar = schedule.alpha_bar[0].double()
     x, state = abar**0.5 * x0 + (1 - abar) ** 0.5 * e, None
     for i in range(len(schedule.timesteps)):
@@ -272,11 +361,11 @@ def run_on_gaussian_data(sampler, steps, data_std):
     """Data ~ N(0, s² I) has the exact denoiser D(x; σ) = x s² / (s² + σ²), so ε = (x - D) / σ in the
     variable x_0 + σ ε, and the probability-flow ODE is solved by x(σ) ∝ sqrt(s² + σ²) (EDM Eq. 1, 3).
     Returns the relative error where the run lands on σ_min, the last noise level before σ = 0."""
-    schedule = S.make_schedule(sampler, steps, CONFIG, karras=True)  # same σ_max, σ_min for every step count
+    schedule = S.make_schedule(sampler, steps, OURS, karras=True)  # same σ_max, σ_min for every step count
     x = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     x_start = x * schedule.sigmas[0].double()
     x, state, landed = (
-        x_start / (1.0 if sampler in S.SIGMA_SAMPLERS else (1 + schedule.sigmas[0] ** 2) ** 0.5),
+        x_start / (1.0 if S.SAMPLERS[sampler].variable == S.EDM_X else (1 + schedule.sigmas[0] ** 2) ** 0.5),
         None,
         [],
     )
@@ -308,10 +397,10 @@ def test_stochastic_samplers_keep_the_forward_marginals(sampler, options):
     forward marginal q(x | x_0) = N(sqrt(ᾱ) x_0, (1 - ᾱ) I) (DDPM Eq. 4; DDIM Eq. 7). A wrong variance drifts."""
     options = dict(options)  # (the parametrize dict is shared)
     eta = options.pop("eta", 0.0)
-    schedule = S.make_schedule(sampler, 10, CONFIG, **options)
+    schedule = S.make_schedule(sampler, 10, OURS, **options)
     g = torch.Generator().manual_seed(6)
     x0 = torch.randn((1, 1000), generator=g).expand(200, 1000)  # 200k samples of the same data point
-    if sampler in S.SIGMA_SAMPLERS:  # x = x_0 + σ ε
+    if S.SAMPLERS[sampler].variable == S.EDM_X:  # x = x_0 + σ ε
         means, stds = torch.ones(len(schedule.sigmas)), schedule.sigmas
     else:
         abar = torch.cat([schedule.alpha_bar[:1], schedule.alpha_bar_prev])
@@ -328,7 +417,7 @@ def test_stochastic_samplers_keep_the_forward_marginals(sampler, options):
 
 
 def test_noise_comes_only_from_the_generator():
-    schedule = S.make_schedule("euler_a", 10, CONFIG)
+    schedule = S.make_schedule("euler_a", 10, OURS)
     x = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(7)) * schedule.init_noise_sigma
     runs = []
     for seed in (8, 8, 9):

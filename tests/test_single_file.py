@@ -1,6 +1,6 @@
-"""Original single-file LDM checkpoints (`v1-5-pruned-emaonly.safetensors` layout): loaded by `models.ldm`, equal
-to the Diffusers-layout folder they were written from, and equal to what Diffusers' own `from_single_file` makes of
-the same file.
+"""Original single-file LDM checkpoints (`v1-5-pruned-emaonly.safetensors` layout): loaded by `models.loading`, keys
+renamed by `models.ldm`, equal to the Diffusers-layout folder they were written from, and equal to what Diffusers'
+own `from_single_file` makes of the same file.
 
 No real checkpoint is available, so the tests write one: `ldm_state` below renames the random-weight folders of
 conftest into LDM's key names. It is the inverse of `models/ldm.py`'s tables, derived independently (LDM's block
@@ -11,6 +11,7 @@ Diffusers accepting the file and giving the folder's image is the check that the
 from __future__ import annotations
 
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -19,11 +20,11 @@ from safetensors.torch import load_file, save_file
 
 from conftest import DIFFUSERS_SCHEDULERS, assert_images_close, max_diff, with_scheduler
 from min_pipeline import generate, load_pipeline, main
-from models.clip import load_text_encoder
-from models.ldm import load_single_file
-from models.loading import WeightsError, load_safetensors
-from models.unet import load_unet
-from models.vae import load_vae
+from models import ldm
+from models.loading import WeightsError, load_component, load_model, load_safetensors, load_single_file, read_config
+from models.unet import UNetConfig
+from models.vae import VAEConfig
+from scheduler import SchedulerConfig
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -167,7 +168,7 @@ def assert_same_state(got: torch.nn.Module, want: torch.nn.Module, what: str, ca
 
 
 def load_folder(folder):
-    return load_text_encoder(folder), load_unet(folder), load_vae(folder)
+    return tuple(load_component(folder, name) for name in ("text_encoder", "unet", "vae"))
 
 
 @pytest.mark.parametrize("text_model_prefix", [True, False])
@@ -185,6 +186,15 @@ def test_vae_attention_is_written_as_1x1_convs(tiny_file):
     state = load_file(tiny_file)
     assert state["first_stage_model.decoder.mid.attn_1.q.weight"].shape == (64, 64, 1, 1)
     assert state["first_stage_model.encoder.mid.attn_1.proj_out.weight"].ndim == 4
+
+
+def test_load_model_reads_a_single_file_with_the_folders_configs(tiny_file, tiny_model_dir):
+    model = load_model(tiny_file, torch.float32, torch.device("cpu"), config=tiny_model_dir)
+    for name, want in zip(("text_encoder", "unet", "vae"), load_folder(tiny_model_dir), strict=True):
+        assert_same_state(getattr(model, name), want, name)
+    assert model.scheduler_config == read_config(
+        SchedulerConfig, tiny_model_dir / "scheduler" / "scheduler_config.json"
+    )
 
 
 @pytest.mark.parametrize("file_dtype", [torch.float16, torch.bfloat16])
@@ -223,6 +233,22 @@ def test_unknown_key_is_named(tiny_model_dir, tmp_path, key, match):
     with pytest.raises(WeightsError, match=match) as e:
         load_single_file(path, config=tiny_model_dir)
     assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "foo.weight",
+        "model.diffusion_model.input_blocks.12.0.weight",  # SD 1.5 has input_blocks 0..11
+        "model.diffusion_model.output_blocks.0.1.norm.weight",  # the lowest level has no attention
+        "first_stage_model.decoder.up.4.block.0.conv1.weight",  # 4 levels: up.0 .. up.3
+        "first_stage_model.encoder.down.3.downsample.conv.weight",  # the lowest level does not downsample
+    ],
+)
+def test_ldm_renaming_refuses_a_key_it_cannot_place(key):
+    """Pure renaming, no file: a key in no network or no block of the config is a ValueError naming it."""
+    with pytest.raises(ValueError, match=rf"^unexpected key {re.escape(key)} \(not part of an SD 1\.5 checkpoint\)$"):
+        ldm.split_single_file({key: torch.zeros(1)}, UNetConfig(), VAEConfig())
 
 
 def test_missing_key_is_named(tiny_model_dir, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import max_diff
-from models.clip import load_text_encoder
+from models.loading import load_component
 
 PROMPTS = [
     "a photograph of an astronaut riding a horse",
@@ -37,7 +37,7 @@ def reference_hidden(model, ids, clip_skip):
 @pytest.mark.parametrize("clip_skip", [None, 1, 2])
 def test_tiny_text_encoder_matches_transformers(tiny_model_dir, clip_skip):
     ref_model, ids = reference(tiny_model_dir)
-    ours = load_text_encoder(tiny_model_dir)
+    ours = load_component(tiny_model_dir, "text_encoder")
     with torch.no_grad():
         got = ours(ids, clip_skip=clip_skip)
     want = reference_hidden(ref_model, ids, clip_skip)
@@ -48,7 +48,7 @@ def test_tiny_text_encoder_matches_transformers(tiny_model_dir, clip_skip):
 @pytest.mark.parametrize("clip_skip", [None, 1])
 def test_sd15_text_encoder_matches_transformers(sd15_model_dir, clip_skip):
     ref_model, ids = reference(sd15_model_dir)
-    ours = load_text_encoder(sd15_model_dir)
+    ours = load_component(sd15_model_dir, "text_encoder")
     with torch.no_grad():
         got = ours(ids, clip_skip=clip_skip)
     want = reference_hidden(ref_model, ids, clip_skip)
@@ -71,6 +71,6 @@ def test_text_encoder_loads_without_prefix_and_buffer(tiny_model_dir, tmp_path):
     save_file(state, path)
     ref_model, ids = reference(tiny_model_dir)
     with torch.no_grad():
-        got = load_text_encoder(folder)(ids)
+        got = load_component(folder, "text_encoder")(ids)
     want = reference_hidden(ref_model, ids, None)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -16,8 +16,8 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import SD15_CONFIGS, TINY_UNET, max_diff, official_config, randomize_norms, save_component
-from models.loading import WeightsError, load_safetensors, read_config
-from models.unet import Attention, UNet, UNetConfig, load_unet
+from models.loading import WeightsError, load_component, load_safetensors, read_config
+from models.unet import Attention, UNet, UNetConfig
 
 pytest.importorskip("diffusers")  # the reference (test-only dependency)
 
@@ -48,7 +48,7 @@ def run_both(ours, ref, batch: int, h: int, w: int, timestep, context_dim: int, 
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir):
-    return load_unet(tiny_model_dir), reference_unet(tiny_model_dir)
+    return load_component(tiny_model_dir, "unet"), reference_unet(tiny_model_dir)
 
 
 # The tiny UNet has 2 downsamplers, so sizes that are not multiples of 4 exercise the odd-size up-sampling path.
@@ -83,13 +83,18 @@ def test_tiny_unet_variants_match_diffusers(tmp_path, overrides):
     config = official_config("unet", **TINY_UNET, **overrides)
     model = randomize_norms(UNet2DConditionModel(**{k: v for k, v in config.items() if not k.startswith("_")}))
     save_component(tmp_path / "unet", config, "config.json", "diffusion_pytorch_model.safetensors", model.state_dict())
-    eps, eps_ref = run_both(load_unet(tmp_path), model.eval(), 2, 9, 10, torch.tensor(978.6), context_dim=32)
+    eps, eps_ref = run_both(
+        load_component(tmp_path, "unet"), model.eval(), 2, 9, 10, torch.tensor(978.6), context_dim=32
+    )
     assert_same(eps, eps_ref, atol=1e-5)
 
 
 def test_tiny_unet_in_bfloat16_matches_diffusers_in_bfloat16(tiny_model_dir):
     """Half precision: the sinusoid is made in float32 and cast to the model dtype, as Diffusers does."""
-    ours, ref = load_unet(tiny_model_dir, dtype=torch.bfloat16), reference_unet(tiny_model_dir, torch.bfloat16)
+    ours, ref = (
+        load_component(tiny_model_dir, "unet", dtype=torch.bfloat16),
+        reference_unet(tiny_model_dir, torch.bfloat16),
+    )
     assert all(p.dtype == torch.bfloat16 for p in ours.parameters())
     g = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 4, 16, 16, generator=g).bfloat16()
@@ -122,7 +127,7 @@ def test_forward_is_one_graph_that_does_not_recompile_per_timestep(tiny):
 
 @pytest.fixture(scope="module")
 def sd15(sd15_model_dir):
-    return load_unet(sd15_model_dir), reference_unet(sd15_model_dir)
+    return load_component(sd15_model_dir, "unet"), reference_unet(sd15_model_dir)
 
 
 SD15_CASES = {
@@ -187,7 +192,7 @@ def test_loading_runs_no_random_init(tiny_model_dir, monkeypatch):
     with pytest.raises(AssertionError, match="ran on a real"):  # the guard works: a plain build initialises
         UNet(read_config(UNetConfig, tiny_model_dir / "unet" / "config.json"))
 
-    model = load_unet(tiny_model_dir)
+    model = load_component(tiny_model_dir, "unet")
     file = load_safetensors(tiny_model_dir / "unet" / "diffusion_pytorch_model.safetensors")
     state = model.state_dict()
     assert state.keys() == file.keys()
@@ -214,4 +219,4 @@ def test_bad_weights_file_is_a_weights_error_naming_the_key(tiny_model_dir, tmp_
     state = {k: v.contiguous() for k, v in state.items()}
     save_file(state, str(tmp_path / "unet" / "diffusion_pytorch_model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(WeightsError, match=re.escape(key)):
-        load_unet(tmp_path)
+        load_component(tmp_path, "unet")

@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import max_diff
-from models.vae import Attention, AutoencoderKL, VAEConfig, load_vae, sample_latent
+from models.loading import load_component
+from models.vae import AttnBlock, AutoencoderKL, VAEConfig, sample_latent
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -30,7 +31,7 @@ def relative_atol(ref: torch.Tensor, rel: float = 1e-4) -> float:
 
 
 def load_pair(folder):
-    ours = load_vae(folder)
+    ours = load_component(folder, "vae")
     ref = diffusers.AutoencoderKL.from_pretrained(folder / "vae").eval()
     return ours, ref
 
@@ -53,10 +54,16 @@ def latent(b: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(b, 4, h, w, generator=torch.Generator().manual_seed(seed))
 
 
+def standard_normal_like(mean: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """eps as Diffusers' `latent_dist.sample(generator)` draws it (and the pipeline's scheduler.draw_noise): shape and
+    dtype of the mean, on the generator's device (then moved)."""
+    return torch.randn(mean.shape, generator=generator, dtype=mean.dtype).to(mean.device)
+
+
 def test_attention_is_single_head_softmax_qkt_v():
     """The spec: x + W_o softmax(q k^T / sqrt(C)) v over the H*W positions of the group-normed input."""
     torch.manual_seed(0)
-    attn = Attention(16, groups=4).eval()
+    attn = AttnBlock(16, groups=4).eval()
     x = torch.randn(2, 16, 3, 5)
     t = attn.group_norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
     q, k, v = attn.to_q(t), attn.to_k(t), attn.to_v(t)
@@ -66,12 +73,12 @@ def test_attention_is_single_head_softmax_qkt_v():
         check(attn(x), expected, 1e-5, "attention")
 
 
-def test_scale_factor_is_the_downsampling_factor(tiny):
+def test_downsample_factor_is_pixels_per_latent_side(tiny):
     ours, _ = tiny
-    assert ours.scale_factor == 2  # two levels: one halving
+    assert ours.downsample_factor == 2  # two levels: one halving
     assert ours.config.scaling_factor == 0.18215  # the key is absent from the file: our default, as in Diffusers
     with torch.device("meta"):
-        assert AutoencoderKL(VAEConfig()).scale_factor == 8
+        assert AutoencoderKL(VAEConfig()).downsample_factor == 8
 
 
 @pytest.mark.parametrize("size", [(1, 8, 8), (2, 6, 10), (1, 7, 5)])
@@ -91,7 +98,7 @@ def test_tiny_encode_and_sample_match_diffusers(tiny, size):
         dist = ref.encode(x).latent_dist
         check(mean, dist.mean, 1e-5, f"mean {size}")
         check(logvar, dist.logvar, 1e-5, f"logvar {size}")
-        z = sample_latent(mean, logvar, torch.Generator().manual_seed(42))
+        z = sample_latent(mean, logvar, standard_normal_like(mean, torch.Generator().manual_seed(42)))
         check(z, dist.sample(torch.Generator().manual_seed(42)), 1e-5, f"sample {size}")
         assert torch.equal(dist.mode(), dist.mean)  # the mode is the mean: use `mean` for a deterministic latent
 
@@ -152,6 +159,6 @@ def test_sd15_encode_matches_diffusers(sd15):
         dist = ref.encode(x).latent_dist
     check(mean, dist.mean, relative_atol(dist.mean), "SD 1.5 mean")
     check(logvar, dist.logvar, relative_atol(dist.logvar), "SD 1.5 logvar")
-    z = sample_latent(mean, logvar, torch.Generator().manual_seed(1))
+    z = sample_latent(mean, logvar, standard_normal_like(mean, torch.Generator().manual_seed(1)))
     expected = dist.sample(torch.Generator().manual_seed(1))
     check(z, expected, relative_atol(expected), "SD 1.5 sample")
