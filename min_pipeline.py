@@ -19,12 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import numbers
+import operator
 import os
 import re
+import secrets
+import stat
 import sys
+import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +50,19 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 MAX_STEPS = 999
 MAX_SIZE = 4096  # pixels per side
 MAX_IMAGES = 64
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+MAX_SEED = 2**32 - 1  # seeds are taken modulo 2**32 by the generator: larger ones would repeat images
 # SD 1.5's shapes, for checking settings before a model is loaded (generate() checks against the loaded model).
 SD15_VAE_FACTOR = 8  # pixels per latent: the VAE halves the size at 3 of its 4 levels
 SD15_CLIP_LAYERS = CLIPTextConfig.num_hidden_layers
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """Bad input from the user: reported as one line and exit code 2, never as a traceback."""
+
+
+class NonFiniteError(RuntimeError):
+    """A stage produced NaN or inf (broken weights, an fp16 overflow): nothing is written, exit code 1."""
 
 
 # ----------------------------------------------------------------------------- the sampling settings
@@ -59,6 +71,24 @@ class UserError(Exception):
 def setting(default: object, help: str, cli_type: type | None = None):
     """A Settings field: its default, and its `--help` text (the CLI builds one option per field)."""
     return field(default=default, metadata={"help": help, "type": cli_type or type(default)})
+
+
+def as_type(name: str, value: object, kind: type) -> object:
+    """`value` as an int, float, bool or str, or a TypeError naming the argument. Integers go through
+    operator.index, so numpy integers pass and 64.0, "10" or True do not."""
+    try:
+        if isinstance(value, bool | np.bool_):
+            if kind is bool:
+                return bool(value)
+        elif kind is int:
+            return operator.index(value)
+        elif kind is float and isinstance(value, numbers.Real):
+            return float(value)
+        elif kind is str and isinstance(value, str):
+            return value
+    except TypeError:
+        pass
+    raise TypeError(f"{name} must be {kind.__name__}, got {type(value).__name__} {value!r:.40}")
 
 
 @dataclass(frozen=True)
@@ -71,11 +101,17 @@ class Settings:
     guidance_scale: float = setting(7.5, "classifier-free guidance scale; <= 1 disables")
     height: int = setting(512, "image height in pixels (multiple of 8)")
     width: int = setting(512, "image width in pixels (multiple of 8)")
-    seed: int = setting(0, "random seed: the same seed gives the same image on any device")
+    seed: int = setting(0, "random seed, 0 to 2**32-1 (-1: a random one, printed and recorded in the PNG)")
     num_images: int = setting(1, "images to generate for each prompt")
     clip_skip: int | None = setting(None, "use the CLIP layer this many before the last (1 = A1111 clip skip 2)", int)
     strength: float = setting(0.8, "image-to-image: how much of the init image to redraw")
-    eta: float = setting(0.0, "DDIM eta (0: deterministic)")
+    eta: float = setting(0.0, "DDIM eta (0: deterministic; ddim only)")
+
+    def __post_init__(self):  # types first, so that check() compares numbers (numpy integers become ints)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None or f.default is not None:
+                object.__setattr__(self, f.name, as_type(f.name, value, f.metadata["type"]))
 
     def check(self, img2img: bool = False, factor: int = SD15_VAE_FACTOR, clip_layers: int = SD15_CLIP_LAYERS):
         """Every setting is checked before any work, each failure a one-line UserError. `factor` (pixels per
@@ -88,11 +124,16 @@ class Settings:
             raise UserError(f"--karras works with {', '.join(karras)}, not {self.scheduler}")
         if not 1 <= self.steps <= MAX_STEPS:
             raise UserError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
+        for name in ("guidance_scale", "strength", "eta"):
+            if not math.isfinite(getattr(self, name)):
+                raise UserError(f"{name.replace('_', ' ')} must be a finite number, got {getattr(self, name)}")
         if self.guidance_scale < 0:
             raise UserError(f"guidance scale must be >= 0 (1 disables guidance), got {self.guidance_scale}")
         for name, size in (("height", self.height), ("width", self.width)):
             if size % factor or not factor <= size <= MAX_SIZE:
                 raise UserError(f"{name} must be a multiple of {factor} between {factor} and {MAX_SIZE}, got {size}")
+        if not -1 <= self.seed <= MAX_SEED:
+            raise UserError(f"seed must be between 0 and {MAX_SEED} (or -1 for a random one), got {self.seed}")
         if not 1 <= self.num_images <= MAX_IMAGES:
             raise UserError(f"num_images must be between 1 and {MAX_IMAGES}, got {self.num_images}")
         if not 0 < self.strength <= 1:
@@ -107,6 +148,9 @@ class Settings:
             )
         if not 0 <= self.eta <= 1:
             raise UserError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {self.eta}")
+        if self.eta and not sampler.eta:
+            uses = [name for name, s in sampling.SAMPLERS.items() if s.eta]
+            raise UserError(f"eta is used by {', '.join(uses)} only, not {self.scheduler}; leave it at 0")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -135,20 +179,32 @@ def pick_device(device: str | None) -> torch.device:
 
 
 def load_pipeline(
-    model: str = DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype | None = None, config: str | None = None
+    model: str = DEFAULT_MODEL,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    config: str | None = None,
 ) -> Pipeline:
     """Load tokenizer, text encoder, UNet, VAE and the scheduler config from a Diffusers-layout folder, a hub repo
     id, or an original single-file checkpoint (`.safetensors`; SD 1.5 configs built in, or those of the
-    Diffusers-layout folder `config`).
+    Diffusers-layout folder `config`). `dtype` is a torch dtype or its name ("float16").
 
     dtype defaults to float16 on CUDA (half the memory, tensor cores) and float32 elsewhere (CPUs have no fast
     fp16 matmul). bfloat16 is allowed; on a CPU it is only worth it with AVX-512 (BF16/AMX): on an AVX2-only
-    CPU a bf16 convolution measured about 100x slower than fp32 (bench/README.md), so that case gets a warning.
+    CPU a bf16 convolution measured about 100x slower than fp32 (bench/README.md), so that case gets a warning,
+    and so does float16 on a CPU (about 27x slower than float32).
     """
-    dev = pick_device(device)
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    if dtype is not None and dtype not in DTYPES.values():
+        raise TypeError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dev = pick_device(str(device) if device is not None else None)
     dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
     if dev.type == "cpu" and dtype == torch.bfloat16 and "AVX512" not in torch.backends.cpu.get_cpu_capability():
         warnings.warn("bfloat16 on a CPU without AVX-512 is very slow; use --dtype float32", stacklevel=2)
+    if dev.type == "cpu" and dtype == torch.float16:
+        warnings.warn("float16 on a CPU is about 27x slower than float32; use --dtype float32", stacklevel=2)
     m = load_model(model, dtype, dev, config)
     return Pipeline(m.tokenizer, m.text_encoder, m.unet, m.vae, m.scheduler_config, dev, dtype, vae_dtype=dtype)
 
@@ -171,18 +227,45 @@ def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, s
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
-def open_image(path: str | Path) -> Image.Image:
+def open_image(path: str | Path, what: str = "init image") -> Image.Image:
+    """Read an image file lazily: its size is checked before its pixels are decoded (a huge or decompression-bomb
+    file is refused, not allocated)."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            check_image_size(image, what)
+            return to_8bit(image)
+    except Image.DecompressionBombError as e:
+        raise UserError(f"cannot read {what} {path}: {e}") from None
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot read init image {path}: {e}") from None
+        if isinstance(e, UserError):
+            raise
+        raise UserError(f"cannot read {what} {path}: {e}") from None
+
+
+def check_image_size(image: Image.Image, what: str) -> None:
+    if max(image.size) > MAX_SIZE:
+        w, h = image.size
+        raise UserError(f"{what} is {w}x{h}: larger than {MAX_SIZE} pixels per side; downscale it first")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """An RGB image with 8 bits per channel. 16-bit greyscale (modes I;16, I) is scaled from 0..65535 and float
+    images (mode F) from 0..1 (or 0..255 if their values exceed 1), instead of being clipped at 255."""
+    if image.mode.startswith("I") or image.mode == "F":
+        a = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I") else (1.0 if a.size == 0 or a.max() <= 1.0 else 255.0)
+        image = Image.fromarray((a / top * 255.0).clip(0, 255).round().astype(np.uint8), mode="L")
+    return image.convert("RGB")
 
 
 def image_to_tensor(image: Image.Image | str | Path, multiple: int) -> torch.Tensor:
     """An init image -> (1, 3, H, W) in [-1, 1], its size cut down to a multiple of the VAE factor (Lanczos
     resize), as Diffusers' VaeImageProcessor does."""
-    image = image.convert("RGB") if isinstance(image, Image.Image) else open_image(image)
+    if isinstance(image, Image.Image):
+        check_image_size(image, "init image")
+        image = to_8bit(image)
+    else:
+        image = open_image(image)
     w, h = (s - s % multiple for s in image.size)
     if w == 0 or h == 0:
         raise UserError(f"init image is {image.size[0]}x{image.size[1]}: smaller than {multiple} pixels")
@@ -190,6 +273,20 @@ def image_to_tensor(image: Image.Image | str | Path, multiple: int) -> torch.Ten
         image = image.resize((w, h), resample=Image.LANCZOS)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     return 2.0 * x - 1.0
+
+
+def texts(name: str, value: object) -> list[str]:
+    """A prompt argument as a list of strings: one string, or a non-empty list of them."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not items or not all(isinstance(p, str) for p in items):
+        raise TypeError(f"{name} must be a string or a non-empty list of strings, got {value!r:.60}")
+    return list(items)
+
+
+def check_finite(x: torch.Tensor, stage: str) -> None:
+    """One host sync per stage: a NaN/inf would otherwise become a black or noise image written with exit 0."""
+    if not torch.isfinite(x).all():
+        raise NonFiniteError(f"the {stage} produced NaN or inf values (broken weights or an overflow); nothing written")
 
 
 @torch.inference_mode()
@@ -211,19 +308,28 @@ def generate(
     eta: float = Settings.eta,
     output_type: str = "pil",
     progress: bool = True,
-) -> list[Image.Image] | np.ndarray:
-    """Generate `num_images` images per prompt. Returns PIL images, or with output_type="np" a float32 array
-    (N, H, W, 3) in [0, 1]. With `init_image`, image-to-image: the image (which sets the size) is encoded,
-    noised to `strength` and denoised from there."""
+) -> list[Image.Image] | np.ndarray | torch.Tensor:
+    """Generate `num_images` images per prompt. Returns PIL images; with output_type="np" a float32 array
+    (N, H, W, 3) in [0, 1]; "pt" the same as a float32 tensor (N, 3, H, W) on the CPU; "latent" the final latents
+    (N, 4, H/8, W/8) before decoding, as Diffusers returns them. With `init_image`, image-to-image: the image
+    (which sets the size) is encoded, noised to `strength` and denoised from there. seed=-1 draws a random seed
+    (and warns with it: pass it back to reproduce the image)."""
+    prompts, negatives = texts("prompt", prompt), texts("negative_prompt", negative_prompt)
+    negatives = negatives * len(prompts) if isinstance(negative_prompt, str) else negatives
+    if len(negatives) != len(prompts):
+        raise UserError(f"got {len(prompts)} prompts and {len(negatives)} negative prompts; give one, or one each")
+    if init_image is not None and not isinstance(init_image, Image.Image | str | Path):
+        raise TypeError(f"init_image must be a PIL image or a file path, got {type(init_image).__name__}")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
     s = Settings(scheduler=scheduler, karras=karras, steps=steps, guidance_scale=guidance_scale, height=height,
                  width=width, seed=seed, num_images=num_images, clip_skip=clip_skip, strength=strength,
                  eta=eta)  # fmt: skip
     factor = pipe.vae.downsample_factor
     s.check(init_image is not None, factor, clip_layers=pipe.text_encoder.config.num_hidden_layers)
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-    negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-    if not prompts or len(negatives) != len(prompts):
-        raise UserError(f"got {len(prompts)} prompts and {len(negatives)} negative prompts; give one, or one each")
+    if s.seed == -1:
+        s = replace(s, seed=secrets.randbelow(MAX_SEED + 1))
+        warnings.warn(f"seed -1: using the random seed {s.seed}", stacklevel=3)
     dev, dtype = pipe.device, pipe.dtype
     generator = torch.Generator().manual_seed(s.seed)  # on the CPU: the same noise, so the same image, on any device
     n = len(prompts) * s.num_images
@@ -234,6 +340,7 @@ def generate(
     if use_cfg:
         uncond = encode_prompts(pipe, negatives, s.clip_skip).repeat_interleave(s.num_images, dim=0)
         context = torch.cat([uncond, context])  # (2B, 77, D): one UNet call for both halves
+    check_finite(context, "text encoder")
 
     # 2. The noise schedule, and the starting latent: pure noise, or the init image's latent noised to `strength`.
     strength = s.strength if init_image is not None else 1.0
@@ -246,6 +353,7 @@ def generate(
         mean, logvar = pipe.vae.encode(image)
         z = sample_latent(mean, logvar, sampling.draw_noise(mean.shape, mean.dtype, dev, generator))  # drawn FIRST
         x0 = (pipe.vae.config.scaling_factor * z).to(dtype).expand(n, -1, -1, -1)
+        check_finite(x0, "VAE encoder")
         x = sampling.add_noise(schedule, x0, sampling.draw_noise(x0.shape, dtype, dev, generator))
 
     # 3. The sampling loop: scale the input, one UNet call on the CFG batch, guidance, one sampler step.
@@ -258,11 +366,16 @@ def generate(
         if use_cfg:
             eps = classifier_free_guidance(*eps.chunk(2), s.guidance_scale)
         x, state = sampling.step(schedule, i, x, eps, state, generator=generator, eta=s.eta)
+    check_finite(x, "denoising loop (UNet and sampler)")
+    if output_type == "latent":
+        return x
 
-    # 4. Latent -> pixels.
-    images = decode(pipe, x)
+    # 4. Latent -> pixels, one image at a time: the VAE's activations at full size are the largest of the run.
+    images = np.concatenate([decode(pipe, x[i : i + 1]) for i in range(n)])
     if output_type == "np":
         return images
+    if output_type == "pt":
+        return torch.from_numpy(images).permute(0, 3, 1, 2)
     return [Image.fromarray(img) for img in (images * 255).round().astype(np.uint8)]
 
 
@@ -275,16 +388,21 @@ def decode(pipe: Pipeline, x: torch.Tensor) -> np.ndarray:
         warnings.warn("the float16 VAE decode overflowed; decoding again in float32", stacklevel=2)
         pipe.vae, pipe.vae_dtype = pipe.vae.float(), torch.float32  # the next images would overflow too
         pixels = pipe.vae.decode(x.float() / scale)
+    check_finite(pixels, "VAE decoder")
     return (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- PNG metadata
 
+NEGATIVE = "Negative prompt:"  # starts the second part of A1111's parameters text
+
 
 def parameters_text(s: Settings, prompt: str, negative_prompt: str, size: tuple[int, int], model: str,
                     img2img: bool = False) -> str:  # fmt: skip
     """The `parameters` PNG text chunk as A1111's web UI writes it (and Civitai, ComfyUI importers read it):
-    prompt line, "Negative prompt: ..." line, then "Key: value" pairs. Our clip skip k is A1111's k + 1."""
+    prompt line, "Negative prompt: ..." line, then "Key: value" pairs. Our clip skip k is A1111's k + 1. `model`
+    is recorded by name (see model_name), never as a path."""
+    check_metadata_text(prompt, negative_prompt)
     fields = {
         "Steps": s.steps,
         "Sampler": sampling.SAMPLERS[s.scheduler].a1111_name,
@@ -292,15 +410,30 @@ def parameters_text(s: Settings, prompt: str, negative_prompt: str, size: tuple[
         "CFG scale": s.guidance_scale,
         "Seed": s.seed,
         "Size": f"{size[0]}x{size[1]}",
-        "Model": model,
+        "Model": model_name(model),
         "Batch size": s.num_images if s.num_images > 1 else None,
         "Clip skip": s.clip_skip + 1 if s.clip_skip else None,
         "Denoising strength": s.strength if img2img else None,
         "Eta": s.eta if s.eta else None,
     }
     pairs = ", ".join(f"{k}: {a1111_value(v)}" for k, v in fields.items() if v is not None)
-    negative = f"\nNegative prompt: {negative_prompt}" if negative_prompt else ""
+    negative = f"\n{NEGATIVE} {negative_prompt}" if negative_prompt else ""
     return f"{prompt}{negative}\n{pairs}"
+
+
+def check_metadata_text(prompt: str, negative_prompt: str) -> None:
+    """A prompt line that starts like the negative-prompt line would be read back as the negative prompt."""
+    if any(line.startswith(NEGATIVE) for line in f"{prompt}\n{negative_prompt}".split("\n")):
+        raise UserError(f"a prompt line may not start with {NEGATIVE!r} (the PNG metadata would misread it)")
+
+
+def model_name(model: str) -> str:
+    """The model as the PNG records it: a hub repo id as it is, a local folder's name or a file's stem (as A1111
+    records a checkpoint's name), never a path that would leak the user's folders into every shared image."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        return model
+    return path.resolve().stem if path.is_file() else path.resolve().name
 
 
 def a1111_value(value: object) -> str:
@@ -314,8 +447,8 @@ def read_parameters(text: str) -> dict[str, str]:
     out = {"prompt": "", "negative_prompt": ""}
     key = "prompt"
     for line in head:
-        if line.startswith("Negative prompt: "):
-            key, line = "negative_prompt", line.removeprefix("Negative prompt: ")
+        if line.startswith(NEGATIVE):
+            key, line = "negative_prompt", line.removeprefix(NEGATIVE).removeprefix(" ")
         out[key] = line if not out[key] else out[key] + "\n" + line
     # "Key: value" pairs; a value with a comma, colon or newline is JSON-quoted.
     for k, v in re.findall(r'\s*([\w ]+): ("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)', last):
@@ -363,35 +496,83 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def output_paths(output: str, count: int, seed: int) -> list[Path]:
-    """Where each image goes. A folder gets `<seed>-<i>.png`; a file name gets `-<i>` before its suffix when
-    there are several images. Missing folders are created when the images are saved, as image tools do."""
-    path = Path(output).expanduser()
-    if path.is_dir() or output.endswith(("/", os.sep)):
-        paths = [path / f"{seed}-{i}.png" for i in range(count)]
-    elif path.suffix.lower() != ".png":
-        raise UserError(f"output {output} must be a .png file name or a folder")
-    else:
-        paths = [path] if count == 1 else [path.with_name(f"{path.stem}-{i}.png") for i in range(count)]
-    parent = paths[0].parent
-    existing = next(p for p in (parent, *parent.parents) if p.exists())  # the folder that mkdir would start from
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to {parent}: {existing} is not a writable folder")
-    return paths
+@dataclass(frozen=True)
+class Output:
+    """Where the images go: a .png file name (replaced if it exists; `-<i>` before the suffix for several images),
+    or a folder, where each image takes the next free A1111-style number `00012-<seed>.png` and nothing is ever
+    replaced. Missing folders are created when the first image is saved, as image tools do."""
+
+    path: Path
+    is_folder: bool
+
+    @classmethod
+    def parse(cls, output: str, count: int) -> Output:
+        path = Path(output).expanduser()
+        is_folder = path.is_dir() or output.endswith(("/", os.sep))
+        if not is_folder and path.suffix.lower() != ".png":
+            raise UserError(f"output {output} must be a .png file name or a folder")
+        folder = path if is_folder else path.parent
+        existing = next(p for p in (folder, *folder.parents) if p.exists())  # where mkdir would start
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise UserError(f"cannot write to {folder}: {existing} is not a writable folder")
+        out = cls(path, is_folder)
+        for p in [] if is_folder else [out.file(i, count) for i in range(count)]:
+            if p.exists() and (not os.access(p, os.W_OK) or not p.stat().st_mode & stat.S_IWUSR):
+                raise UserError(f"output {p} exists and is read-only; make it writable or choose another --output")
+        return out
+
+    def file(self, i: int, count: int) -> Path:
+        return self.path if count == 1 else self.path.with_name(f"{self.path.stem}-{i}.png")
+
+    def save(self, image: Image.Image, parameters: str, i: int, count: int, seed: int) -> Path:
+        """Write through a unique temporary file in the target folder, then rename it into place: an error or
+        Ctrl-C never leaves a half-written PNG or a temporary file, and two runs never mix their files."""
+        folder = self.path if self.is_folder else self.path.parent
+        info = PngImagePlugin.PngInfo()
+        info.add_text("parameters", parameters)
+        placed = None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".minsd-", suffix=".png.tmp", dir=folder)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    image.save(f, format="PNG", pnginfo=info)
+                if self.is_folder:  # claim the next free number with an exclusive create, then replace it
+                    placed = next_free(folder, seed)
+                    os.chmod(tmp, new_file_mode())
+                else:
+                    placed = self.file(i, count)
+                    os.chmod(tmp, stat.S_IMODE(placed.stat().st_mode) if placed.exists() else new_file_mode())
+                os.replace(tmp, placed)
+                return placed
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                if self.is_folder and placed is not None and placed.stat().st_size == 0:
+                    placed.unlink(missing_ok=True)  # the claimed name, still empty
+                raise
+        except OSError as e:
+            raise UserError(f"cannot write {placed or folder}: {e.strerror or e}") from None
 
 
-def save_png(image: Image.Image, path: Path, parameters: str) -> None:
-    """Write through a temporary file and rename, so a failure never leaves a half-written PNG behind."""
-    info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+def next_free(folder: Path, seed: int) -> Path:
+    """The next A1111-style number in `folder`, claimed by creating the empty file exclusively (O_EXCL), so two
+    processes saving into one folder at once never pick the same name."""
+    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := re.match(r"(\d{5,})-", p.name))]
+    n = max(numbers, default=-1) + 1
+    while True:
+        path = folder / f"{n:05d}-{seed}.png"
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            return path
+        except FileExistsError:
+            n += 1
+
+
+def new_file_mode() -> int:
+    """The mode open() would give a new file (0666 less the umask); mkstemp's files are 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def check_device(name: str | None) -> torch.device:
@@ -438,22 +619,31 @@ def main(argv: list[str] | None = None) -> int:
             # Cheap checks first, against SD 1.5's shapes, so a typo costs no model loading.
             settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
             settings.check(img2img=args.init_image is not None)
-            paths = output_paths(args.output, settings.num_images, settings.seed)
+            check_metadata_text(args.prompt, args.negative_prompt)
+            output = Output.parse(args.output, settings.num_images)
             init = open_image(args.init_image) if args.init_image else None  # before loading the model
             device = check_device(args.device)
+            if settings.seed == -1:
+                settings = replace(settings, seed=secrets.randbelow(MAX_SEED + 1))
+                print(f"seed: {settings.seed}", file=sys.stderr)
             if device.type == "cpu":
                 tune_malloc()  # -20% per step on the CPU (bench/README.md)
-            pipe = load_pipeline(args.model, str(device), DTYPES.get(args.dtype))
+            pipe = load_pipeline(args.model, device, args.dtype)
             images = generate(pipe, args.prompt, args.negative_prompt, init_image=init, progress=not args.quiet,
                               **asdict(settings))  # fmt: skip
-            for image, path in zip(images, paths, strict=True):
-                text = parameters_text(
-                    settings, args.prompt, args.negative_prompt, image.size, args.model, init is not None
-                )
-                save_png(image, path, text)
+            paths = []
+            for i, image in enumerate(images):
+                text = parameters_text(settings, args.prompt, args.negative_prompt, image.size, args.model, bool(init))
+                paths.append(output.save(image, text, i, len(images), settings.seed))
         except (UserError, WeightsError) as e:
             print(f"min_pipeline.py: error: {e}", file=sys.stderr)
             return 2
+        except NonFiniteError as e:
+            print(f"min_pipeline.py: error: {e}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("\nmin_pipeline.py: interrupted", file=sys.stderr)
+            return 130
     print(f"wrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.1f} s")
     return 0
 

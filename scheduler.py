@@ -312,6 +312,7 @@ class Sampler:
     unet_calls: int  # UNet calls per step (Diffusers' scheduler.order)
     spacing: str  # Diffusers' default timestep_spacing for it
     step: Callable[[Schedule, int, Tensor, Tensor, SamplerState | None, Noise, float], Out]  # one UNet call's update
+    eta: bool = False  # takes DDIM's η (Eq. 16); the others would ignore it
 
 
 # The SD 1.5 scheduler file was written for PNDM and names no timestep_spacing, so every Diffusers class keeps
@@ -321,7 +322,7 @@ SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
     Sampler("euler_a", "Euler a", EDM_X, karras=False, unet_calls=1, spacing="linspace", step=euler_a),
     Sampler("heun", "Heun", EDM_X, karras=True, unet_calls=2, spacing="linspace", step=heun),
     Sampler("dpmpp_2m", "DPM++ 2M", X_T, karras=True, unet_calls=1, spacing="linspace", step=dpmpp_2m),
-    Sampler("ddim", "DDIM", X_T, karras=False, unet_calls=1, spacing="leading", step=ddim),
+    Sampler("ddim", "DDIM", X_T, karras=False, unet_calls=1, spacing="leading", step=ddim, eta=True),
     Sampler("ddpm", "DDPM", X_T, karras=False, unet_calls=1, spacing="leading", step=ddpm),
 )}  # fmt: skip
 

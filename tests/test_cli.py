@@ -64,7 +64,9 @@ def test_cli_writes_png_with_parameters(tiny_model_dir, tmp_path):
     assert params["prompt"] == "a red fox, in snow" and params["negative_prompt"] == "blurry"
     assert params["Steps"] == "3" and params["Sampler"] == "DPM++ 2M" and params["Schedule type"] == "Karras"
     assert params["CFG scale"] == "6.0" and params["Seed"] == "7" and params["Size"] == "40x24"
-    assert params["Model"] == str(tiny_model_dir) and params["Clip skip"] == "2"  # A1111 counts from 1
+    assert (
+        params["Model"] == tiny_model_dir.name and params["Clip skip"] == "2"
+    )  # the name, not the path  # A1111 counts from 1
     # The same settings through the API give the same pixels.
     pipe = load_pipeline(str(tiny_model_dir), device="cpu")
     again = generate(
@@ -106,8 +108,8 @@ def test_cli_numbers_several_images_and_img2img(tiny_model_dir, tmp_path):
         str(tmp_path) + "/",
     )
     assert result.returncode == 0, result.stderr
-    paths = sorted(tmp_path.glob("0-*.png"))
-    assert [p.name for p in paths] == ["0-0.png", "0-1.png"]
+    paths = sorted(tmp_path.glob("*-0.png"))
+    assert [p.name for p in paths] == ["00000-0.png", "00001-0.png"]  # A1111-style numbers, then the seed
     image = Image.open(paths[0])
     assert image.size == (30, 20)
     params = read_parameters(image.text["parameters"])
@@ -183,12 +185,29 @@ BAD_INPUTS = {
     "device": (["--device", "cuda:7"], "is not available on this machine"),
     "unknown-device": (["--device", "gpu"], "unknown device 'gpu'"),
     "scheduler-config": (["--model", "{vpred}"], "unsupported scheduler/scheduler_config.json"),
+    # Settings that were accepted and then did something else (fuzzing pass).
+    "seed-huge": (["--seed", str(2**70)], "seed must be between 0 and 4294967295"),
+    "seed-wraps": (["--seed", str(2**32)], "seed must be between 0 and 4294967295"),
+    "seed-negative": (["--seed", "-2"], "seed must be between 0 and 4294967295 (or -1 for a random one)"),
+    "guidance-nan": (["--guidance-scale", "nan"], "guidance scale must be a finite number"),
+    "guidance-inf": (["--guidance-scale", "inf"], "guidance scale must be a finite number"),
+    "strength-nan": (["--strength", "nan"], "strength must be a finite number"),
+    "eta-nan": (["--scheduler", "ddim", "--eta", "nan"], "eta must be a finite number"),
+    "eta-unused": (["--scheduler", "euler", "--eta", "0.7"], "eta is used by ddim only, not euler"),
+    "negative-prompt-line": (["--prompt", "a cat\nNegative prompt: dog"], "may not start with 'Negative prompt:'"),
+    "output-read-only": (["--output", "{tmp}/readonly.png"], "exists and is read-only"),
+    "init-image-huge": (["--init-image", "{tmp}/huge.png"], "is 8000x8000: larger than 4096 pixels per side"),
 }
 
 
 def bad_input_args(case: str, tiny_model_dir: Path, broken_dirs, tmp_path: Path) -> list[str]:
     (tmp_path / "garbage.png").write_bytes(b"not an image")
     (tmp_path / "model.ckpt").write_bytes(b"\x80\x04 pretend pickle")
+    if case == "output-read-only":
+        (tmp_path / "readonly.png").write_bytes(b"keep me")
+        (tmp_path / "readonly.png").chmod(0o444)
+    if case == "init-image-huge":  # refused from its header, before its 64 MB of pixels are decoded
+        Image.new("L", (8000, 8000)).save(tmp_path / "huge.png")
     extra, _ = BAD_INPUTS[case]
     fill = {"tmp": tmp_path, **broken_dirs}
     extra = [a.format(**fill) for a in extra]
@@ -219,6 +238,8 @@ def check_one_line_error(case: str, code: int, stderr: str, tmp_path: Path) -> N
     assert BAD_INPUTS[case][1].lower() in lines[0].lower(), lines[0]
     assert "Traceback" not in stderr
     assert not (tmp_path / "out.png").exists() and not list(tmp_path.glob(".*.tmp"))
+    if case == "output-read-only":
+        assert (tmp_path / "readonly.png").read_bytes() == b"keep me"
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
@@ -231,7 +252,7 @@ def test_bad_input_is_one_line_exit_2(case, tiny_model_dir, broken_dirs, tmp_pat
     check_one_line_error(case, code, capsys.readouterr().err, tmp_path)
 
 
-@pytest.mark.parametrize("case", ["height", "model-shape", "init-image-garbage", "steps-not-int"])
+@pytest.mark.parametrize("case", ["height", "model-shape", "init-image-garbage", "steps-not-int", "seed-huge"])
 def test_cli_bad_input_through_subprocess(case, tiny_model_dir, broken_dirs, tmp_path):
     result = run_cli(*bad_input_args(case, tiny_model_dir, broken_dirs, tmp_path))
     check_one_line_error(case, result.returncode, result.stderr, tmp_path)
