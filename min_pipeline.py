@@ -18,6 +18,7 @@ PNG metadata, and the command line.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import numbers
@@ -289,6 +290,76 @@ def check_finite(x: torch.Tensor, stage: str) -> None:
         raise NonFiniteError(f"the {stage} produced NaN or inf values (broken weights or an overflow); nothing written")
 
 
+# ----------------------------------------------------------------------------- what a run will cost
+
+MAX_STEP_SECONDS = 3600  # a longer UNet step cannot be interrupted (Ctrl-C waits for the kernel) nor, in practice, end
+
+
+def unet_flops(cfg, h: int, w: int) -> float:
+    """Floating-point operations of one UNet call on one (h, w) latent, roughly: the ResNets' 3x3 convs and, at
+    the levels with attention, the transformers (projections and GEGLU feed-forward, and self-attention's
+    Q K^T and A V, 4 T^2 C for T = h w tokens: the term that explodes at large sizes)."""
+    n, total = cfg.layers_per_block, 0.0
+    levels = len(cfg.block_out_channels)
+    for i, (c, kind) in enumerate(zip(cfg.block_out_channels, cfg.down_block_types, strict=True)):
+        t = (h >> i) * (w >> i)
+        total += (2 * n + 1) * 2 * 18 * c * c * t  # n down + n+1 up ResNets, two 3x3 convs each
+        if kind.startswith("CrossAttn"):
+            total += (2 * n + 1) * (88 * c * c * t + 4 * t * t * c)
+    c, t = cfg.block_out_channels[-1], (h >> levels - 1) * (w >> levels - 1)
+    return total + 72 * c * c * t + 88 * c * c * t + 4 * t * t * c  # the mid block: 2 ResNets, 1 transformer
+
+
+@functools.cache
+def cpu_flops_per_second() -> float:
+    """This CPU's speed on a UNet-sized 3x3 convolution, best of two (about 0.2 s, once per process)."""
+    conv, x, times = torch.nn.Conv2d(320, 320, 3, padding=1), torch.randn(1, 320, 48, 48), []
+    with torch.inference_mode():
+        for _ in range(3):
+            start = time.perf_counter()
+            conv(x)
+            times.append(time.perf_counter() - start)
+    return 18 * 320 * 320 * 48 * 48 / max(min(times[1:]), 1e-6)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:  # Linux: what can be allocated without swapping, page cache included
+        meminfo = Path("/proc/meminfo").read_text()
+        return int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo).group(1)) * 1024
+    except (OSError, AttributeError):
+        return None
+
+
+def check_cost(pipe: Pipeline, s: Settings, batch: int, latent: tuple[int, int], calls: int) -> None:
+    """Refuse, before any work and with the estimate, a run that cannot fit in memory or cannot finish; warn
+    about a long one. Memory: the largest working set of the UNet (the skip activations and the first level's
+    feed-forward, 8 C per token) or of one image's VAE decode (about 8 tensors of the VAE's widest level at full
+    size); attention needs O(T) memory with PyTorch's fused kernels. Time (CPU only): FLOPs / measured speed."""
+    (h, w), item = latent, torch.finfo(pipe.dtype).bits // 8
+    cfg, vae = pipe.unet.config, pipe.vae.config
+    skips = sum((cfg.layers_per_block + 1) * c * (h >> i) * (w >> i) for i, c in enumerate(cfg.block_out_channels))
+    unet_bytes = batch * (skips + 12 * cfg.block_out_channels[0] * h * w) * item
+    pixels = h * w * pipe.vae.downsample_factor**2
+    vae_bytes = 8 * vae.block_out_channels[0] * pixels * torch.finfo(pipe.vae_dtype).bits // 8
+    need, free = max(unet_bytes, vae_bytes), available_bytes(pipe.device)
+    if free is not None and need > free:
+        raise UserError(f"{s.width}x{s.height} needs about {need / 2**30:.1f} GB of working memory, but only "
+                        f"{free / 2**30:.1f} GB is free on {pipe.device}; use a smaller size")  # fmt: skip
+    if pipe.device.type != "cpu":
+        return
+    per_call = batch * unet_flops(cfg, h, w) / cpu_flops_per_second()
+    if per_call > MAX_STEP_SECONDS:
+        raise UserError(f"{s.width}x{s.height} would take about {per_call / 3600:.1f} h per step on this CPU "
+                        f"(self-attention over {h * w} latent positions); use a smaller size")  # fmt: skip
+    if per_call * calls > 600:
+        minutes = per_call * calls / 60
+        warnings.warn(
+            f"{s.width}x{s.height} may take up to {minutes:.0f} min on this CPU (a rough estimate)", stacklevel=3
+        )
+
+
 @torch.inference_mode()
 def generate(
     pipe: Pipeline,
@@ -327,30 +398,33 @@ def generate(
                  eta=eta)  # fmt: skip
     factor = pipe.vae.downsample_factor
     s.check(init_image is not None, factor, clip_layers=pipe.text_encoder.config.num_hidden_layers)
+    n = len(prompts) * s.num_images
+    if init_image is not None:  # the image sets the size
+        init_image = image_to_tensor(init_image, factor)
+        s = replace(s, height=init_image.shape[2], width=init_image.shape[3])
+    schedule = sampling.make_schedule(s.scheduler, s.steps, pipe.scheduler_config, s.karras,
+                                      strength=s.strength if init_image is not None else 1.0)  # fmt: skip
+    use_cfg = s.guidance_scale > 1.0  # at s <= 1 the unconditional pass is skipped, as in Diffusers
+    check_cost(pipe, s, n * (2 if use_cfg else 1), (s.height // factor, s.width // factor), len(schedule.timesteps))
     if s.seed == -1:
         s = replace(s, seed=secrets.randbelow(MAX_SEED + 1))
         warnings.warn(f"seed -1: using the random seed {s.seed}", stacklevel=3)
     dev, dtype = pipe.device, pipe.dtype
     generator = torch.Generator().manual_seed(s.seed)  # on the CPU: the same noise, so the same image, on any device
-    n = len(prompts) * s.num_images
 
     # 1. Text -> context. Each prompt's context is repeated num_images times (p0, p0, p1, p1, ...).
-    use_cfg = s.guidance_scale > 1.0  # at s <= 1 the unconditional pass is skipped, as in Diffusers
     context = encode_prompts(pipe, prompts, s.clip_skip).repeat_interleave(s.num_images, dim=0)
     if use_cfg:
         uncond = encode_prompts(pipe, negatives, s.clip_skip).repeat_interleave(s.num_images, dim=0)
         context = torch.cat([uncond, context])  # (2B, 77, D): one UNet call for both halves
     check_finite(context, "text encoder")
 
-    # 2. The noise schedule, and the starting latent: pure noise, or the init image's latent noised to `strength`.
-    strength = s.strength if init_image is not None else 1.0
-    schedule = sampling.make_schedule(s.scheduler, s.steps, pipe.scheduler_config, s.karras, strength=strength)
+    # 2. The starting latent: pure noise, or the init image's latent noised to `strength` (the schedule's start).
     if init_image is None:
         shape = (n, pipe.unet.config.in_channels, s.height // factor, s.width // factor)
         x = sampling.draw_noise(shape, dtype, dev, generator) * schedule.init_noise_sigma
     else:
-        image = image_to_tensor(init_image, factor).to(dev, pipe.vae_dtype)
-        mean, logvar = pipe.vae.encode(image)
+        mean, logvar = pipe.vae.encode(init_image.to(dev, pipe.vae_dtype))
         z = sample_latent(mean, logvar, sampling.draw_noise(mean.shape, mean.dtype, dev, generator))  # drawn FIRST
         x0 = (pipe.vae.config.scaling_factor * z).to(dtype).expand(n, -1, -1, -1)
         check_finite(x0, "VAE encoder")

@@ -242,3 +242,30 @@ def test_images_are_decoded_one_at_a_time(tiny, monkeypatch):
     monkeypatch.setattr(tiny.vae, "decode", lambda z: (batches.append(len(z)), decode(z))[1])
     images = generate(tiny, ["a", "b"], steps=1, height=16, width=16, num_images=2, output_type="np", progress=False)
     assert images.shape == (4, 16, 16, 3) and batches == [1, 1, 1, 1]
+
+
+# ----------------------------------------------------------------------------- sizes that cannot finish or fit
+
+
+def test_a_size_that_cannot_finish_is_refused_before_any_work(tiny_model_dir, tmp_path, capsys):
+    """The tiny VAE only halves the size: 2048x2048 is a 1024x1024 latent, self-attention over a million positions
+    (the fuzzing pass ran it 12 minutes without finishing step 1, deaf to Ctrl-C)."""
+    start = time.monotonic()
+    args = ["--model", str(tiny_model_dir), "--device", "cpu", "--prompt", "x", "--output", str(tmp_path / "o.png")]
+    assert main([*args, "--height", "2048", "--width", "2048"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("min_pipeline.py: error: 2048x2048 would take about") and "h per step" in err, err
+    assert time.monotonic() - start < 60 and list(tmp_path.iterdir()) == []
+
+
+def test_a_size_that_cannot_fit_is_refused_with_the_estimate(tiny, monkeypatch):
+    monkeypatch.setattr("min_pipeline.available_bytes", lambda device: 2**20)
+    with pytest.raises(ValueError, match=r"64x64 needs about 0\.\d GB of working memory, but only 0\.0 GB is free"):
+        generate(tiny, "x", steps=1, height=64, width=64, progress=False)
+
+
+def test_a_long_run_is_announced(tiny, monkeypatch):
+    monkeypatch.setattr("min_pipeline.cpu_flops_per_second", lambda: 1.0)  # a very slow CPU
+    monkeypatch.setattr("min_pipeline.MAX_STEP_SECONDS", float("inf"))
+    with pytest.warns(UserWarning, match=r"16x16 may take up to \d+ min on this CPU"):
+        generate(tiny, "x", steps=1, height=16, width=16, progress=False)
