@@ -31,12 +31,13 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageDraw, PngImagePlugin
 from tqdm import tqdm
 
 import scheduler as sampling
@@ -360,6 +361,19 @@ def check_cost(pipe: Pipeline, s: Settings, batch: int, latent: tuple[int, int],
         )
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """What generate()'s `callback` gets after each UNet call: at the points Diffusers' callback_on_step_end is
+    called, once per timestep, so Heun's two calls per step come as two records."""
+
+    i: int  # the UNet call, 0 .. calls - 1
+    calls: int  # UNet calls of the run (steps, or 2 * steps - 1 for Heun; fewer for img2img)
+    t: float  # the timestep fed to the UNet
+    sigma: float  # the noise level of that call's input, sqrt((1 - abar) / abar) for every sampler
+    latents: torch.Tensor  # x after the call's update, in the variable the sampler moves
+    x0: torch.Tensor  # the sampler's prediction of the clean latent at this call (scheduler.predict_x0)
+
+
 @torch.inference_mode()
 def generate(
     pipe: Pipeline,
@@ -379,12 +393,14 @@ def generate(
     eta: float = Settings.eta,
     output_type: str = "pil",
     progress: bool = True,
+    callback: Callable[[StepInfo], None] | None = None,
 ) -> list[Image.Image] | np.ndarray | torch.Tensor:
     """Generate `num_images` images per prompt. Returns PIL images; with output_type="np" a float32 array
     (N, H, W, 3) in [0, 1]; "pt" the same as a float32 tensor (N, 3, H, W) on the CPU; "latent" the final latents
     (N, 4, H/8, W/8) before decoding, as Diffusers returns them. With `init_image`, image-to-image: the image
     (which sets the size) is encoded, noised to `strength` and denoised from there. seed=-1 draws a random seed
-    (and warns with it: pass it back to reproduce the image)."""
+    (and warns with it: pass it back to reproduce the image). `callback(StepInfo)` is called after every UNet
+    call; without one the loop does no extra work."""
     prompts, negatives = texts("prompt", prompt), texts("negative_prompt", negative_prompt)
     negatives = negatives * len(prompts) if isinstance(negative_prompt, str) else negatives
     if len(negatives) != len(prompts):
@@ -439,7 +455,10 @@ def generate(
         eps = pipe.unet(x_in, t, context)
         if use_cfg:
             eps = classifier_free_guidance(*eps.chunk(2), s.guidance_scale)
-        x, state = sampling.step(schedule, i, x, eps, state, generator=generator, eta=s.eta)
+        x_in, (x, state) = x, sampling.step(schedule, i, x, eps, state, generator=generator, eta=s.eta)
+        if callback is not None:
+            x0 = sampling.predict_x0(schedule, i, x_in, eps)
+            callback(StepInfo(i, len(timesteps), float(schedule.timesteps[i]), float(schedule.sigmas[i]), x, x0))
     check_finite(x, "denoising loop (UNet and sampler)")
     if output_type == "latent":
         return x
@@ -464,6 +483,22 @@ def decode(pipe: Pipeline, x: torch.Tensor) -> np.ndarray:
         pixels = pipe.vae.decode(x.float() / scale)
     check_finite(pixels, "VAE decoder")
     return (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+
+
+# A1111's "Approx cheap" live preview: a linear map from the 4 SD 1.x latent channels (rows) to R, G, B (columns),
+# fitted by Keturn on SD 1.4 latents ("Decoding latents to RGB without upscaling", Hugging Face forum, 2022).
+LATENT_RGB = ((0.298, 0.207, 0.208), (0.187, 0.286, 0.173), (-0.158, 0.189, 0.264), (-0.184, -0.271, -0.473))
+
+
+def preview(pipe: Pipeline, latent: torch.Tensor, decoder: str = "cheap") -> Image.Image:
+    """One latent (1, 4, H, W) as a picture: through the real VAE, or for free with the linear map above (the
+    result blown up to the image size)."""
+    if decoder == "vae":
+        return Image.fromarray((decode(pipe, latent)[0] * 255).round().astype(np.uint8))
+    rgb = torch.einsum("chw,cr->hwr", latent[0].float().cpu(), torch.tensor(LATENT_RGB))  # (H, W, 3), about [-1, 1]
+    image = Image.fromarray(((rgb + 1) / 2 * 255).clamp(0, 255).round().byte().numpy())
+    f = pipe.vae.downsample_factor
+    return image.resize((image.width * f, image.height * f), Image.NEAREST)
 
 
 # ----------------------------------------------------------------------------- PNG metadata
@@ -567,6 +602,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--output", default="out.png", help="PNG file, or a folder (created if missing); several images "
                    "get numbered names")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--trajectory", help="also write the x0 prediction after every step: FILE.gif (animated) or FILE.png"
+    )
+    p.add_argument("--trajectory-decoder", choices=("cheap", "vae"), default="cheap",
+                   help="cheap: a linear latent-to-RGB map (free); vae: the real decoder at every step")  # fmt: skip
+    p.add_argument("--trajectory-noisy", action="store_true", help="show the noisy latent beside each x0 prediction")
+    p.add_argument("--preview-every", type=int, metavar="N", help="rewrite <output>.preview.png every N steps")
+    p.add_argument("--keep-preview", action="store_true", help="keep the preview file after the run")
     return p.parse_args(argv)
 
 
@@ -601,31 +644,42 @@ class Output:
     def save(self, image: Image.Image, parameters: str, i: int, count: int, seed: int) -> Path:
         """Write through a unique temporary file in the target folder, then rename it into place: an error or
         Ctrl-C never leaves a half-written PNG or a temporary file, and two runs never mix their files."""
-        folder = self.path if self.is_folder else self.path.parent
         info = PngImagePlugin.PngInfo()
         info.add_text("parameters", parameters)
         placed = None
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".minsd-", suffix=".png.tmp", dir=folder)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    image.save(f, format="PNG", pnginfo=info)
-                if self.is_folder:  # claim the next free number with an exclusive create, then replace it
-                    placed = next_free(folder, seed)
-                    os.chmod(tmp, new_file_mode())
-                else:
-                    placed = self.file(i, count)
-                    os.chmod(tmp, stat.S_IMODE(placed.stat().st_mode) if placed.exists() else new_file_mode())
-                os.replace(tmp, placed)
+            if not self.is_folder:
+                placed = self.file(i, count)
+                replace_file(placed, image, format="PNG", pnginfo=info)
                 return placed
+            self.path.mkdir(parents=True, exist_ok=True)
+            placed = next_free(self.path, seed)  # claimed with an exclusive create: still empty
+            try:
+                replace_file(placed, image, mode=new_file_mode(), format="PNG", pnginfo=info)
             except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                if self.is_folder and placed is not None and placed.stat().st_size == 0:
-                    placed.unlink(missing_ok=True)  # the claimed name, still empty
+                placed.unlink(missing_ok=True)
                 raise
+            return placed
         except OSError as e:
-            raise UserError(f"cannot write {placed or folder}: {e.strerror or e}") from None
+            raise UserError(f"cannot write {placed or self.path}: {e.strerror or e}") from None
+
+
+def replace_file(path: Path, image: Image.Image, mode: int | None = None, **save) -> None:
+    """Write `image` (PIL's save options `save`) to `path` through a unique temporary file in the same folder,
+    renamed into place; the temporary file is removed on any error, Ctrl-C included. The file keeps the mode of
+    the one it replaces, or gets `mode`, or that of a new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".minsd-", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, **save)
+        if mode is None:
+            mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else new_file_mode()
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def next_free(folder: Path, seed: int) -> Path:
@@ -680,13 +734,63 @@ def tune_malloc() -> None:
         mallopt(-2, 1 << 30)  # grow the heap 1 GiB at a time
 
 
+class Watcher:
+    """generate()'s callback for the CLI: collects the trajectory frames (the first image's x0 prediction, labelled
+    with step and sigma) and rewrites the preview file every `every` UNet calls."""
+
+    def __init__(self, pipe: Pipeline, args: argparse.Namespace, preview_path: Path | None):
+        self.pipe, self.args, self.preview_path, self.frames = pipe, args, preview_path, []
+
+    def __call__(self, info: StepInfo) -> None:
+        if self.args.trajectory:
+            frame = preview(self.pipe, info.x0[:1], self.args.trajectory_decoder)
+            if self.args.trajectory_noisy:  # the latent itself, scaled to unit variance like x_t
+                noisy = preview(self.pipe, info.latents[:1] / info.latents[:1].float().std())
+                frame = side_by_side(noisy, frame)
+            ImageDraw.Draw(frame).text((2, 2), f"{info.i + 1}/{info.calls} sigma {info.sigma:.3g}", fill="white")
+            self.frames.append(frame)
+        if self.preview_path and ((info.i + 1) % self.args.preview_every == 0 or info.i + 1 == info.calls):
+            replace_file(self.preview_path, preview(self.pipe, info.x0[:1]), format="PNG")
+
+    def write_trajectory(self, path: Path) -> None:
+        if path.suffix.lower() == ".gif":
+            first, *rest = self.frames
+            replace_file(path, first, format="GIF", save_all=True, append_images=rest, duration=250, loop=0)
+            return
+        columns = math.ceil(len(self.frames) ** 0.5)  # a contact sheet, row by row
+        w, h = self.frames[0].size
+        sheet = Image.new("RGB", (w * columns, h * math.ceil(len(self.frames) / columns)))
+        for k, frame in enumerate(self.frames):
+            sheet.paste(frame, (w * (k % columns), h * (k // columns)))
+        replace_file(path, sheet, format="PNG")
+
+
+def side_by_side(a: Image.Image, b: Image.Image) -> Image.Image:
+    out = Image.new("RGB", (a.width + b.width, max(a.height, b.height)))
+    out.paste(a, (0, 0))
+    out.paste(b, (a.width, 0))
+    return out
+
+
 def print_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"min_pipeline.py: warning: {message}", file=sys.stderr)  # one line, not warnings' file:line + source
 
 
+def check_watch_options(args: argparse.Namespace, output: Output) -> tuple[Path | None, Path | None]:
+    """--trajectory's file and the preview file (`<output>.preview.png`; `preview.png` in an output folder)."""
+    trajectory = Path(args.trajectory).expanduser() if args.trajectory else None
+    if trajectory is not None and trajectory.suffix.lower() not in (".gif", ".png"):
+        raise UserError(f"--trajectory {args.trajectory} must be a .gif or .png file name")
+    if args.preview_every is None:
+        return trajectory, None
+    if args.preview_every < 1:
+        raise UserError(f"--preview-every must be at least 1, got {args.preview_every}")
+    return trajectory, output.path / "preview.png" if output.is_folder else output.path.with_suffix(".preview.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    start = time.perf_counter()
+    start, preview_path = time.perf_counter(), None
     with warnings.catch_warnings():
         warnings.showwarning = print_warning
         try:
@@ -695,6 +799,7 @@ def main(argv: list[str] | None = None) -> int:
             settings.check(img2img=args.init_image is not None)
             check_metadata_text(args.prompt, args.negative_prompt)
             output = Output.parse(args.output, settings.num_images)
+            trajectory, preview_path = check_watch_options(args, output)
             init = open_image(args.init_image) if args.init_image else None  # before loading the model
             device = check_device(args.device)
             if settings.seed == -1:
@@ -703,8 +808,11 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cpu":
                 tune_malloc()  # -20% per step on the CPU (bench/README.md)
             pipe = load_pipeline(args.model, device, args.dtype)
+            watcher = Watcher(pipe, args, preview_path) if args.trajectory or preview_path else None
             images = generate(pipe, args.prompt, args.negative_prompt, init_image=init, progress=not args.quiet,
-                              **asdict(settings))  # fmt: skip
+                              callback=watcher, **asdict(settings))  # fmt: skip
+            if args.trajectory:
+                watcher.write_trajectory(trajectory)
             paths = []
             for i, image in enumerate(images):
                 text = parameters_text(settings, args.prompt, args.negative_prompt, image.size, args.model, bool(init))
@@ -718,6 +826,9 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print("\nmin_pipeline.py: interrupted", file=sys.stderr)
             return 130
+        finally:
+            if preview_path is not None and not args.keep_preview:
+                preview_path.unlink(missing_ok=True)
     print(f"wrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -409,6 +409,24 @@ def scale_model_input(schedule: Schedule, i: int, x: Tensor) -> Tensor:
     return x
 
 
+def predict_x0(schedule: Schedule, i: int, x: Tensor, eps: Tensor) -> Tensor:
+    """The sampler's estimate of the clean latent x_0 at UNet call i, from the x it was called on and its (guided)
+    ε, in x's dtype; it is what Diffusers returns as `pred_original_sample`. Euler family: D(x; σ) = x - σ ε (EDM
+    Eq. 7, x = x_0 + σ ε); DDIM/DDPM: "predicted x_0" (x_t - sqrt(1 - ᾱ_t) ε) / sqrt(ᾱ_t) (DDIM Eq. 12, DDPM
+    Eq. 15); DPM++: the data prediction x_θ = (x_t - σ_t ε) / α_t (DPM-Solver++ Sec. 3)."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    xc, e = x.to(compute), eps.to(compute)
+    if SAMPLERS[schedule.sampler].variable == EDM_X:
+        x0 = denoise(xc, e, schedule.sigmas[i])
+    elif schedule.alpha_bar is not None:
+        abar = schedule.alpha_bar[i]
+        x0 = (xc - (1 - abar) ** 0.5 * e) / abar**0.5
+    else:
+        alpha_s, sigma_s = vp_coefficients(schedule.sigmas[i])
+        x0 = (xc - sigma_s * e) / alpha_s
+    return x0.to(x.dtype)
+
+
 def draw_noise(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str,
                generator: torch.Generator | None) -> Tensor:  # fmt: skip
     """ε ~ N(0, I), the one place every random draw goes through: drawn as Diffusers' randn_tensor draws it, on
