@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.configs import MAX_LAYERS, MAX_WIDTH, check, integer, number
+
 
 @dataclass(frozen=True)
 class CLIPTextConfig:
@@ -27,6 +29,21 @@ class CLIPTextConfig:
     max_position_embeddings: int = 77
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
+
+    def __post_init__(self) -> None:
+        d, nh = self.hidden_size, self.num_attention_heads
+        check("CLIP text", self, {
+            "vocab_size": integer(self.vocab_size, 1, 1 << 20),
+            "hidden_size": integer(d, 1, MAX_WIDTH),
+            "intermediate_size": integer(self.intermediate_size, 1, 4 * MAX_WIDTH),
+            "num_hidden_layers": integer(self.num_hidden_layers, 1, MAX_LAYERS),
+            "num_attention_heads": integer(nh, 1, MAX_WIDTH),
+            # the tokenizer always gives 77 positions (CLIPTokenizer.MAX_LENGTH)
+            "max_position_embeddings": integer(self.max_position_embeddings, 77, MAX_WIDTH),
+            "layer_norm_eps": number(self.layer_norm_eps, 0, 1),
+            "hidden_act": (self.hidden_act in ("quick_gelu", "gelu"), "'quick_gelu' (SD 1.5) or 'gelu'"),
+        })  # fmt: skip
+        check("CLIP text", self, {"num_attention_heads": (d % nh == 0, f"a divisor of hidden_size={d}")})
 
 
 def quick_gelu(x: Tensor) -> Tensor:

@@ -4,16 +4,16 @@ modules built on the meta device. `load_model` is the one door for the driver; `
 
 Loading never runs a random initialisation and never copies a tensor twice: the module is built on the `meta`
 device (shapes only), then `load_state_dict(strict=True, assign=True)` makes the memory-mapped safetensors tensors
-the parameters themselves. Key names are `models.ldm`'s job (checkpoint quirks, the single-file layout); this file
-turns whatever goes wrong into a one-line WeightsError naming the file. Pickled checkpoints (`.bin`, `.ckpt`, `.pt`)
-are never read: unpickling can run arbitrary code.
+the parameters themselves. Key names are `models.ldm`'s job (checkpoint quirks, the single-file layout), checking the
+config files `models.configs`'; this file turns whatever goes wrong into a one-line WeightsError naming the file.
+Pickled checkpoints (`.bin`, `.ckpt`, `.pt`) are never read: unpickling can run arbitrary code.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
@@ -23,6 +23,7 @@ from torch import nn
 
 from models import ldm
 from models.clip import CLIPTextConfig, CLIPTextModel
+from models.configs import WeightsError, check_fit, read_config
 from models.unet import UNet, UNetConfig
 from models.vae import AutoencoderKL, VAEConfig
 from scheduler import SD15_SCHEDULER_CONFIG, SchedulerConfig
@@ -32,36 +33,20 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 
-class WeightsError(Exception):
-    """A user-facing problem with model files: the message is one line saying what and how to fix it."""
-
-
-# ----------------------------------------------------------------------------- configs
-
-C = TypeVar("C")
-
-
-def read_config(cls: type[C], path: Path) -> C:
-    """Fill the frozen config dataclass `cls` from a Diffusers/Transformers `config.json`.
-
-    Keys the dataclass does not have are ignored (the files carry many we never vary); missing keys keep
-    the dataclass defaults, which are the SD 1.5 values. JSON lists become tuples so configs stay hashable.
-    A value the dataclass refuses (its `__post_init__` checks) is a WeightsError naming the file.
-    """
-    path, names = Path(path), {f.name for f in dataclasses.fields(cls)}
-    try:
-        values = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise WeightsError(f"missing config file {path}: the model folder is incomplete") from None
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"cannot parse {path}: {e}") from None
-    try:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names})
-    except (TypeError, ValueError) as e:
-        raise WeightsError(f"unsupported {path.parent.name}/{path.name} in {path.parent.parent}: {e}") from None
-
-
 # ----------------------------------------------------------------------------- tensors
+
+
+def looks_pickled(path: Path) -> bool:
+    r"""Whether a file that is not valid safetensors starts like a torch.save checkpoint: a zip archive (`PK\x03\x04`,
+    PyTorch >= 1.6) or a bare pickle (`\x80` and protocol 2-5), and not like a safetensors file cut short (the 8-byte
+    header length, then `{`)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    pickle = len(head) > 1 and head[0] == 0x80 and 2 <= head[1] <= 5
+    return (head[:4] == b"PK\x03\x04" or pickle) and head[8:9] != b"{"
 
 
 def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -78,10 +63,17 @@ def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         with safe_open(path, framework="pt", device="cpu") as f:
             return {k: f.get_tensor(k) for k in f.keys()}  # safe_open has no __iter__
     except (SafetensorError, OSError, ValueError) as e:
+        if looks_pickled(path):
+            raise WeightsError(
+                f"cannot read {path}: not a valid safetensors file but a PyTorch pickle/zip checkpoint under a "
+                ".safetensors name, which is never loaded (unpickling can run arbitrary code); download the "
+                ".safetensors version instead"
+            ) from None
         raise WeightsError(f"cannot read {path}: not a valid safetensors file ({e}); re-download it") from None
 
 
 M = TypeVar("M", bound=nn.Module)
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the networks compute in (quantised: no)
 
 
 def build(
@@ -89,15 +81,22 @@ def build(
 ) -> M:
     """Build `module_cls(config)` on the meta device and assign `state` (already in our names) to it, strictly.
 
-    Every expected key must be present with its exact shape and no other key may be left over; errors name
-    the file (`source`) and the first offending keys. `dtype` converts floating tensors (fp16 files can run in
-    fp32 and back); `device` moves them. Without either, the mmapped tensors are used as they are.
+    Every expected key must be present with its exact shape and a SUPPORTED_DTYPES dtype, and no other key may be
+    left over; errors name the file (`source`) and the first offending keys. `dtype` converts floating tensors (fp16
+    files can run in fp32 and back); `device` moves them. Without either, the mmapped tensors are used as they are.
     """
     try:
         with torch.device("meta"):
             model = module_cls(config)
-    except ValueError as e:  # e.g. a block type SD 1.5 does not have
-        raise WeightsError(f"{source}: the model's config.json is not supported: {e}") from None
+    except Exception as e:  # the config dataclasses check every value, so this is a gap in their checks
+        raise WeightsError(
+            f"{source}: cannot build {module_cls.__name__} from {config} ({type(e).__name__}: {e})"
+        ) from None
+    if bad := next((k for k, v in state.items() if v.dtype not in SUPPORTED_DTYPES), None):
+        raise WeightsError(
+            f"{source}: tensor {bad} is {str(state[bad].dtype).removeprefix('torch.')}; minsd loads float32, float16 "
+            "and bfloat16 weights only (a quantised checkpoint?): use an unquantised .safetensors file"
+        )
     expected = model.state_dict()
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
@@ -148,19 +147,30 @@ def weights_file(folder: Path, component: str, half: bool) -> Path:
     raise WeightsError(f"missing weights file {candidates[-1]}{hint}")
 
 
-def resolve_model(model: str, half: bool = False) -> Path:
-    """A local folder as it is, or a hub repo id downloaded (only what generation needs) into the HF cache.
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name as the hub spells them: no ./, /, ~ or \\
 
-    A local folder never touches the network. `HF_HUB_OFFLINE=1` makes the hub path use the cache only.
+
+def resolve_model(model: str, half: bool = False) -> Path:
+    """A local folder or file as it is, or a hub repo id downloaded (only what generation needs) into the HF cache.
+
+    A local path never touches the network, nor does a missing one: only `owner/name` whose `owner` is no local
+    folder is taken for a repo id (with a warning). `HF_HUB_OFFLINE=1` makes the hub path use the cache only.
     """
     path = Path(model).expanduser()
     if path.exists():
         if path.is_file() and path.suffix in PICKLE_SUFFIXES:
             load_safetensors(path)  # raises the explanation
+        # A component folder (`m/unet`) or a file in one (`m/unet/diffusion_pytorch_model.safetensors`, which would
+        # otherwise be read as a single-file checkpoint): point at the model folder `m`.
+        full = Path(os.path.abspath(path))
+        above = full.parent.parent if full.is_file() else full.parent
+        if not (full / "unet").is_dir() and (above / "unet" / "config.json").is_file():
+            raise WeightsError(f"{model} is part of the model folder {above}, not a model; pass --model {above}")
         return path
-    looks_local = model.startswith((".", "/", "~")) or model.count("/") != 1 or os.sep == "\\" and "\\" in model
-    if looks_local:
+    if not REPO_ID.fullmatch(model) or Path(model.split("/")[0]).is_dir():  # `m/sd15-tny` with a local m/: a typo
         raise WeightsError(f"model folder {model} does not exist; pass --model with a Diffusers-layout folder")
+    if model != DEFAULT_MODEL:  # a typo in a local path would be sent to the hub: say so
+        warnings.warn(f"{model} is not a local path; trying the hub", stacklevel=2)
     return _download(model, half)
 
 
@@ -194,10 +204,12 @@ def _download(repo_id: str, half: bool) -> Path:
 
 
 def read_network_configs(config_dir: Path | None) -> tuple[CLIPTextConfig, UNetConfig, VAEConfig]:
-    """The networks' configs from a Diffusers-layout folder; without one SD 1.5's (the dataclass defaults)."""
+    """The networks' configs from a Diffusers-layout folder; without one SD 1.5's (the dataclass defaults). The three
+    must fit together: the UNet denoises the VAE's latents, cross-attending to the text encoder's states."""
     if config_dir is None:
         return CLIPTextConfig(), UNetConfig(), VAEConfig()
     text, unet, vae = (read_config(cls, config_dir / name / "config.json") for name, (_, cls, _) in LAYOUT.items())
+    check_fit(config_dir, text, unet, vae)
     return text, unet, vae
 
 
@@ -252,20 +264,25 @@ def load_model(model: str | Path, dtype: torch.dtype, device: torch.device, conf
     float16) or an original single-file checkpoint (configs: SD 1.5's built in, or the Diffusers folder `config`)."""
     path = resolve_model(str(model), half=dtype == torch.float16)
     config_dir = Path(config) if config else (None if path.is_file() else path)
-    # Every config before any weights: a model our samplers cannot run (v-prediction, other betas, ...) or a broken
-    # config.json is refused at once, not after gigabytes of weights were read.
+    # Every config (and the tokenizer) before any weights: a model our samplers cannot run (v-prediction, other betas,
+    # ...) or a broken config.json is refused at once, not after gigabytes of weights were read.
     scheduler_config = SD15_SCHEDULER_CONFIG
     if config_dir is not None:
         scheduler_config = read_config(SchedulerConfig, config_dir / "scheduler" / "scheduler_config.json")
     configs = read_network_configs(config_dir)
-    if path.is_file():
-        networks = _single_file(path, configs, dtype, device)
-    else:
-        networks = tuple(_component(path, name, cfg, dtype, device) for name, cfg in zip(LAYOUT, configs, strict=True))
     tokenizer = CLIPTokenizer()  # OpenAI's vocabulary, shipped in tokenizer/
     if config_dir is not None:
         try:
             tokenizer = CLIPTokenizer.from_folder(config_dir / "tokenizer")
         except (OSError, ValueError, KeyError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             raise WeightsError(f"cannot read the tokenizer files in {config_dir / 'tokenizer'}: {e}") from None
+    if (top := max(tokenizer.encoder.values())) >= configs[0].vocab_size:  # an id the text encoder has no row for
+        raise WeightsError(
+            f"the tokenizer's vocab.json has token id {top}, but the text encoder's config.json says vocab_size="
+            f"{configs[0].vocab_size}: the tokenizer and text encoder in {config_dir} do not belong together"
+        )
+    if path.is_file():
+        networks = _single_file(path, configs, dtype, device)
+    else:
+        networks = tuple(_component(path, name, cfg, dtype, device) for name, cfg in zip(LAYOUT, configs, strict=True))
     return Model(tokenizer, *networks, scheduler_config)

@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.configs import MAX_LAYERS, MAX_WIDTH, check, integer, names, number, widths
+
 TRANSFORMER_NORM_EPS = 1e-6  # GroupNorm before each spatial transformer (LDM's Normalize(); hard-coded in Diffusers)
 MAX_PERIOD = 10_000  # sinusoidal embedding: wavelengths from 2*pi to 2*pi*10000 (Vaswani et al. 2017, sec. 3.5)
+DOWN_BLOCKS, UP_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D"), ("CrossAttnUpBlock2D", "UpBlock2D")  # see Level
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,52 @@ class UNetConfig:
     flip_sin_to_cos: bool = True  # the timestep embedding is [cos, sin], not [sin, cos]
     freq_shift: int = 0
     downsample_padding: int = 1
+
+    # Keys of the file that SD 1.5's architecture fixes, each with the one value this UNet implements (Diffusers'
+    # default): `models.loading.read_config` refuses any other value; a key absent from the file is fine. The file's
+    # keys that are neither fields nor here (sample_size, dropout, ...) do not change inference.
+    FIXED: ClassVar[dict[str, object]] = {
+        "act_fn": "silu", "center_input_sample": False, "use_linear_projection": False, "upcast_attention": False,
+        "class_embed_type": None, "addition_embed_type": None, "time_embedding_type": "positional",
+        "resnet_time_scale_shift": "default", "mid_block_type": "UNetMidBlock2DCrossAttn", "conv_in_kernel": 3,
+        "conv_out_kernel": 3, "dual_cross_attention": False, "only_cross_attention": False, "num_class_embeds": None,
+        "encoder_hid_dim": None, "transformer_layers_per_block": 1, "time_cond_proj_dim": None,
+        "num_attention_heads": None, "mid_block_scale_factor": 1, "resnet_out_scale_factor": 1.0,
+        "resnet_skip_time_act": False, "time_embedding_act_fn": None, "time_embedding_dim": None,
+        "timestep_post_act": None, "cross_attention_norm": None, "attention_type": "default",
+    }  # fmt: skip
+
+    def __post_init__(self) -> None:
+        chs, heads, groups = self.block_out_channels, self.attention_head_dim, self.norm_num_groups
+        check("UNet", self, {
+            "in_channels": integer(self.in_channels, 1, MAX_WIDTH),
+            "out_channels": integer(self.out_channels, 1, MAX_WIDTH),
+            "block_out_channels": widths(chs),
+            "layers_per_block": integer(self.layers_per_block, 1, MAX_LAYERS),
+            "attention_head_dim": integer(heads, 1, MAX_WIDTH),
+            "cross_attention_dim": integer(self.cross_attention_dim, 1, MAX_WIDTH),
+            "norm_num_groups": integer(groups, 1, MAX_WIDTH),
+            "norm_eps": number(self.norm_eps, 0, 1),
+            "down_block_types": names(self.down_block_types, DOWN_BLOCKS),
+            "up_block_types": names(self.up_block_types, UP_BLOCKS),
+            "flip_sin_to_cos": (type(self.flip_sin_to_cos) is bool, "true or false"),
+            "freq_shift": integer(self.freq_shift, 0, MAX_WIDTH),
+            "downsample_padding": integer(self.downsample_padding, 0, 1),
+        })  # fmt: skip
+        levels = f"{len(chs)} block types (one per block_out_channels entry)"
+        check("UNet", self, {
+            "down_block_types": (len(self.down_block_types) == len(chs), f"a list of {levels}"),
+            "up_block_types": (len(self.up_block_types) == len(chs), f"a list of {levels}"),
+            "norm_num_groups": (all(c % groups == 0 for c in chs), f"a divisor of every width in {chs}"),
+            # the timestep sinusoid has C0 / 2 frequencies, each divided by C0 / 2 - freq_shift
+            "block_out_channels": (chs[0] % 2 == 0, "a list whose first width is even"),
+            "freq_shift": (self.freq_shift < chs[0] // 2, f"an integer in [0, {chs[0] // 2 - 1}]"),
+        })  # fmt: skip
+        # The widths that have attention (the mid block always does) must split into `heads` heads.
+        attended = {chs[-1]} | {c for c, t in zip(chs, self.down_block_types, strict=True) if _with_attention(t)}
+        attended |= {c for c, t in zip(chs[::-1], self.up_block_types, strict=True) if _with_attention(t)}
+        ok = all(c % heads == 0 for c in attended)
+        check("UNet", self, {"attention_head_dim": (ok, f"a divisor of the attended widths {sorted(attended)}")})
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -186,9 +236,8 @@ class Upsample(nn.Module):
 
 
 def _with_attention(block_type: str) -> bool:
-    """SD 1.5 has two kinds of block per direction: ResNets each followed by a SpatialTransformer, or ResNets only."""
-    if block_type not in ("CrossAttnDownBlock2D", "DownBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"):
-        raise ValueError(f"unsupported UNet block type {block_type!r}: SD 1.5 uses (CrossAttn)DownBlock2D/UpBlock2D")
+    """SD 1.5 has two kinds of block per direction (DOWN_BLOCKS, UP_BLOCKS): ResNets each followed by a
+    SpatialTransformer, or ResNets only."""
     return block_type.startswith("CrossAttn")
 
 

@@ -10,11 +10,13 @@ single-head self-attention. Parameter names equal the Diffusers checkpoint keys,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.configs import MAX_LAYERS, MAX_WIDTH, check, integer, number, widths
 from models.unet import Downsample, ResnetBlock2D, Upsample
 
 EPS = 1e-6  # every GroupNorm of the VAE (Diffusers' Encoder/Decoder hard-code it; the UNet uses 1e-5)
@@ -34,6 +36,28 @@ class VAEConfig:
     # variance. Source: LDM configs/stable-diffusion/v1-inference.yaml `scale_factor: 0.18215`; the official SD 1.5
     # vae/config.json has no such key and Diffusers' AutoencoderKL defaults it to the same value.
     scaling_factor: float = 0.18215
+
+    # Keys SD 1.5's VAE fixes, each with the one value implemented here (Diffusers' default); read_config refuses any
+    # other, an absent key is fine. `force_upcast` is not here: it only says to decode in float32, which the pipeline
+    # decides for itself (min_pipeline.decode). shift_factor and latents_mean/std rescale latents in later models.
+    FIXED: ClassVar[dict[str, object]] = {
+        "act_fn": "silu", "use_quant_conv": True, "use_post_quant_conv": True, "mid_block_add_attention": True,
+        "shift_factor": None, "latents_mean": None, "latents_std": None,
+    }  # fmt: skip
+
+    def __post_init__(self) -> None:
+        chs, groups = self.block_out_channels, self.norm_num_groups
+        check("VAE", self, {
+            "in_channels": (self.in_channels == 3 and type(self.in_channels) is int, "3 (RGB images)"),
+            "out_channels": (self.out_channels == 3 and type(self.out_channels) is int, "3 (RGB images)"),
+            "latent_channels": integer(self.latent_channels, 1, MAX_WIDTH),
+            "block_out_channels": widths(chs),
+            "layers_per_block": integer(self.layers_per_block, 1, MAX_LAYERS),
+            "norm_num_groups": integer(groups, 1, MAX_WIDTH),
+            "scaling_factor": number(self.scaling_factor, 0, 100),
+        })  # fmt: skip
+        divides = all(c % groups == 0 for c in chs)
+        check("VAE", self, {"norm_num_groups": (divides, f"a divisor of every width in {chs}")})
 
 
 class AttnBlock(nn.Module):

@@ -86,8 +86,15 @@ class CLIPTokenizer:
             self.encoder = {t: i for i, t in enumerate(tokens)}
         else:
             self.encoder = json.loads(Path(vocab_path).read_text(encoding="utf-8"))
+        if not isinstance(self.encoder, dict) or not all(type(i) is int and i >= 0 for i in self.encoder.values()):
+            raise ValueError(f"{vocab_path} is not a vocabulary (a JSON object of token: id)")
         if [self.encoder.get(s) for s in SPECIALS] != [self.BOS, self.EOS]:
             raise ValueError(f"{vocab_path or merges_path} is not CLIP's vocabulary (special tokens differ)")
+        # Every symbol bpe() can end with needs an id: each byte alone and word-final, and each merge's result.
+        needed = [*self.byte_char.values(), *(c + "</w>" for c in self.byte_char.values()), *map("".join, merges)]
+        if missing := [t for t in needed if t not in self.encoder]:
+            raise ValueError(f"{vocab_path} lacks {len(missing)} token(s) that merges.txt makes, e.g. {missing[0]!r}: "
+                             "vocab.json and merges.txt do not belong together")  # fmt: skip
         self.decoder = {i: t for t, i in self.encoder.items()}
         self.ranks = {pair: rank for rank, pair in enumerate(merges)}
         # word -> ids: prompts reuse a small set of words, so after warm-up most words skip the merge loop
