@@ -37,12 +37,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, PngImagePlugin
+from PIL import Image, ImageDraw, ImageFilter, PngImagePlugin
 from tqdm import tqdm
 
 import scheduler as sampling
 from models.clip import CLIPTextConfig, CLIPTextModel
 from models.loading import DEFAULT_MODEL, WeightsError, load_model
+from models.lora import apply_lora, remove_loras  # noqa: F401 (public API: LoRA files merged into the weights)
 from models.unet import UNet
 from models.vae import AutoencoderKL, sample_latent
 from tokenizer import CLIPTokenizer
@@ -106,14 +107,21 @@ class Settings:
     seed: int = setting(0, "random seed, 0 to 2**32-1 (-1: a random one, printed and recorded in the PNG)")
     num_images: int = setting(1, "images to generate for each prompt")
     clip_skip: int | None = setting(None, "use the CLIP layer this many before the last (1 = A1111 clip skip 2)", int)
-    strength: float = setting(0.8, "image-to-image: how much of the init image to redraw")
+    strength: float | None = setting(None, "image-to-image: how much of the init image to redraw (default 0.8; "
+                                     "1 when inpainting, as Diffusers)", float)  # fmt: skip
     eta: float = setting(0.0, "DDIM eta (0: deterministic; ddim only)")
+    mask_blur: int = setting(0, "inpainting: Gaussian blur radius of the mask in pixels (A1111's mask blur)")
+    mask_keep_pixels: bool = setting(False, "inpainting: paste the original pixels back outside the mask")
 
     def __post_init__(self):  # types first, so that check() compares numbers (numpy integers become ints)
         for f in fields(self):
             value = getattr(self, f.name)
             if value is not None or f.default is not None:
                 object.__setattr__(self, f.name, as_type(f.name, value, f.metadata["type"]))
+
+    def with_defaults(self, img2img: bool, inpaint: bool) -> Settings:
+        """The strength left unset: Diffusers' defaults, 0.8 for image-to-image and 1 for inpainting."""
+        return self if self.strength is not None else replace(self, strength=1.0 if inpaint else 0.8)
 
     def check(self, img2img: bool = False, factor: int = SD15_VAE_FACTOR, clip_layers: int = SD15_CLIP_LAYERS):
         """Every setting is checked before any work, each failure a one-line UserError. `factor` (pixels per
@@ -127,7 +135,7 @@ class Settings:
         if not 1 <= self.steps <= MAX_STEPS:
             raise UserError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
         for name in ("guidance_scale", "strength", "eta"):
-            if not math.isfinite(getattr(self, name)):
+            if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
                 raise UserError(f"{name.replace('_', ' ')} must be a finite number, got {getattr(self, name)}")
         if self.guidance_scale < 0:
             raise UserError(f"guidance scale must be >= 0 (1 disables guidance), got {self.guidance_scale}")
@@ -138,9 +146,11 @@ class Settings:
             raise UserError(f"seed must be between 0 and {MAX_SEED} (or -1 for a random one), got {self.seed}")
         if not 1 <= self.num_images <= MAX_IMAGES:
             raise UserError(f"num_images must be between 1 and {MAX_IMAGES}, got {self.num_images}")
-        if not 0 < self.strength <= 1:
+        if self.strength is not None and not 0 < self.strength <= 1:
             raise UserError(f"strength must be in (0, 1], got {self.strength}")
-        if img2img and int(self.steps * self.strength) < 1:
+        if self.mask_blur < 0:
+            raise UserError(f"mask blur must be >= 0 pixels, got {self.mask_blur}")
+        if img2img and self.strength is not None and int(self.steps * self.strength) < 1:
             raise UserError(
                 f"steps x strength = {self.steps * self.strength:g} < 1 leaves no step to run; raise either"
             )
@@ -229,19 +239,21 @@ def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, s
     return eps_uncond + scale * (eps_cond - eps_uncond)
 
 
-def open_image(path: str | Path, what: str = "init image") -> Image.Image:
-    """Read an image file lazily: its size is checked before its pixels are decoded (a huge or decompression-bomb
-    file is refused, not allocated)."""
+def open_image(image: Image.Image | str | Path, what: str = "init image") -> Image.Image:
+    """A PIL image, or an image file read lazily: its size is checked before its pixels are decoded (a huge or
+    decompression-bomb file is refused, not allocated). 8 bits per channel, in the image's own mode."""
+    if isinstance(image, Image.Image):
+        check_image_size(image, what)
+        return to_8bit(image)
     try:
-        with Image.open(path) as image:
-            check_image_size(image, what)
-            return to_8bit(image)
-    except Image.DecompressionBombError as e:
-        raise UserError(f"cannot read {what} {path}: {e}") from None
-    except (OSError, ValueError) as e:
-        if isinstance(e, UserError):
-            raise
-        raise UserError(f"cannot read {what} {path}: {e}") from None
+        with Image.open(image) as file:
+            check_image_size(file, what)
+            file.load()
+            return to_8bit(file)
+    except UserError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read {what} {image}: {e}") from None
 
 
 def check_image_size(image: Image.Image, what: str) -> None:
@@ -251,23 +263,19 @@ def check_image_size(image: Image.Image, what: str) -> None:
 
 
 def to_8bit(image: Image.Image) -> Image.Image:
-    """An RGB image with 8 bits per channel. 16-bit greyscale (modes I;16, I) is scaled from 0..65535 and float
-    images (mode F) from 0..1 (or 0..255 if their values exceed 1), instead of being clipped at 255."""
+    """16-bit greyscale (modes I;16, I) scaled from 0..65535 and float images (mode F) from 0..1 (or 0..255 if
+    their values exceed 1) to 8-bit L, instead of being clipped at 255; other modes as they are."""
     if image.mode.startswith("I") or image.mode == "F":
         a = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I") else (1.0 if a.size == 0 or a.max() <= 1.0 else 255.0)
         image = Image.fromarray((a / top * 255.0).clip(0, 255).round().astype(np.uint8), mode="L")
-    return image.convert("RGB")
+    return image
 
 
 def image_to_tensor(image: Image.Image | str | Path, multiple: int) -> torch.Tensor:
     """An init image -> (1, 3, H, W) in [-1, 1], its size cut down to a multiple of the VAE factor (Lanczos
     resize), as Diffusers' VaeImageProcessor does."""
-    if isinstance(image, Image.Image):
-        check_image_size(image, "init image")
-        image = to_8bit(image)
-    else:
-        image = open_image(image)
+    image = open_image(image).convert("RGB")
     w, h = (s - s % multiple for s in image.size)
     if w == 0 or h == 0:
         raise UserError(f"init image is {image.size[0]}x{image.size[1]}: smaller than {multiple} pixels")
@@ -275,6 +283,19 @@ def image_to_tensor(image: Image.Image | str | Path, multiple: int) -> torch.Ten
         image = image.resize((w, h), resample=Image.LANCZOS)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     return 2.0 * x - 1.0
+
+
+def mask_to_tensor(mask: Image.Image | str | Path, size: tuple[int, int], blur: int) -> tuple[torch.Tensor, ...]:
+    """An inpainting mask (white = repaint, black = keep; any mode) at the image's size `size` = (W, H), as
+    Diffusers' mask processor makes it: optional Gaussian blur (`VaeImageProcessor.blur`), Lanczos resize in the
+    mask's own mode, then greyscale, then binarised at 0.5. Returns the binary (1, 1, H, W) mask and the soft one
+    (blurred, not binarised) that --mask-keep-pixels blends with."""
+    mask = open_image(mask, "mask image")
+    if blur:
+        mask = mask.filter(ImageFilter.GaussianBlur(blur))
+    mask = mask.resize(size, resample=Image.LANCZOS).convert("L")
+    soft = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
+    return (soft >= 0.5).float(), soft
 
 
 def texts(name: str, value: object) -> list[str]:
@@ -389,39 +410,57 @@ def generate(
     num_images: int = Settings.num_images,
     clip_skip: int | None = Settings.clip_skip,
     init_image: Image.Image | str | Path | None = None,
-    strength: float = Settings.strength,
+    strength: float | None = Settings.strength,
     eta: float = Settings.eta,
+    mask_image: Image.Image | str | Path | None = None,
+    mask_blur: int = Settings.mask_blur,
+    mask_keep_pixels: bool = Settings.mask_keep_pixels,
     output_type: str = "pil",
     progress: bool = True,
     callback: Callable[[StepInfo], None] | None = None,
 ) -> list[Image.Image] | np.ndarray | torch.Tensor:
     """Generate `num_images` images per prompt. Returns PIL images; with output_type="np" a float32 array
     (N, H, W, 3) in [0, 1]; "pt" the same as a float32 tensor (N, 3, H, W) on the CPU; "latent" the final latents
-    (N, 4, H/8, W/8) before decoding, as Diffusers returns them. With `init_image`, image-to-image: the image
-    (which sets the size) is encoded, noised to `strength` and denoised from there. seed=-1 draws a random seed
-    (and warns with it: pass it back to reproduce the image). `callback(StepInfo)` is called after every UNet
+    (N, 4, H/8, W/8) before decoding, as Diffusers returns them.
+
+    With `init_image`, image-to-image: the image (which sets the size) is encoded, noised to `strength` and
+    denoised from there. With `mask_image` too, inpainting (Diffusers' StableDiffusionInpaintPipeline): only the
+    white part of the mask is repainted, by a 9-channel inpainting UNet (which sees the mask and the masked
+    image) or by any ordinary model (the kept part is reset to the original, noised to the current level, after
+    every step). seed=-1 draws a random seed (and warns with it). `callback(StepInfo)` is called after every UNet
     call; without one the loop does no extra work."""
     prompts, negatives = texts("prompt", prompt), texts("negative_prompt", negative_prompt)
     negatives = negatives * len(prompts) if isinstance(negative_prompt, str) else negatives
     if len(negatives) != len(prompts):
         raise UserError(f"got {len(prompts)} prompts and {len(negatives)} negative prompts; give one, or one each")
-    if init_image is not None and not isinstance(init_image, Image.Image | str | Path):
-        raise TypeError(f"init_image must be a PIL image or a file path, got {type(init_image).__name__}")
+    for name, image in (("init_image", init_image), ("mask_image", mask_image)):
+        if image is not None and not isinstance(image, Image.Image | str | Path):
+            raise TypeError(f"{name} must be a PIL image or a file path, got {type(image).__name__}")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
     s = Settings(scheduler=scheduler, karras=karras, steps=steps, guidance_scale=guidance_scale, height=height,
-                 width=width, seed=seed, num_images=num_images, clip_skip=clip_skip, strength=strength,
-                 eta=eta)  # fmt: skip
+                 width=width, seed=seed, num_images=num_images, clip_skip=clip_skip, strength=strength, eta=eta,
+                 mask_blur=mask_blur, mask_keep_pixels=mask_keep_pixels)  # fmt: skip
+    inpaint, channels = mask_image is not None, pipe.vae.config.latent_channels
+    inpainting_unet = pipe.unet.config.in_channels == 2 * channels + 1  # latents + mask + masked-image latents
+    check_inpainting(init_image is not None, inpaint, inpainting_unet)
+    s = s.with_defaults(init_image is not None, inpaint)
     factor = pipe.vae.downsample_factor
     s.check(init_image is not None, factor, clip_layers=pipe.text_encoder.config.num_hidden_layers)
     n = len(prompts) * s.num_images
     if init_image is not None:  # the image sets the size
         init_image = image_to_tensor(init_image, factor)
         s = replace(s, height=init_image.shape[2], width=init_image.shape[3])
+    if inpaint:
+        pixel_mask, soft_mask = mask_to_tensor(mask_image, (s.width, s.height), s.mask_blur)
+        if not pixel_mask.any():
+            warnings.warn("the mask is all black: nothing to repaint; returning the image as it is", stacklevel=3)
+            return to_output(((init_image + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).repeat(n, 1, 1, 1), output_type)
+    h, w = s.height // factor, s.width // factor
     schedule = sampling.make_schedule(s.scheduler, s.steps, pipe.scheduler_config, s.karras,
                                       strength=s.strength if init_image is not None else 1.0)  # fmt: skip
     use_cfg = s.guidance_scale > 1.0  # at s <= 1 the unconditional pass is skipped, as in Diffusers
-    check_cost(pipe, s, n * (2 if use_cfg else 1), (s.height // factor, s.width // factor), len(schedule.timesteps))
+    check_cost(pipe, s, n * (2 if use_cfg else 1), (h, w), len(schedule.timesteps))
     if s.seed == -1:
         s = replace(s, seed=secrets.randbelow(MAX_SEED + 1))
         warnings.warn(f"seed -1: using the random seed {s.seed}", stacklevel=3)
@@ -436,15 +475,22 @@ def generate(
     check_finite(context, "text encoder")
 
     # 2. The starting latent: pure noise, or the init image's latent noised to `strength` (the schedule's start).
-    if init_image is None:
-        shape = (n, pipe.unet.config.in_channels, s.height // factor, s.width // factor)
-        x = sampling.draw_noise(shape, dtype, dev, generator) * schedule.init_noise_sigma
-    else:
-        mean, logvar = pipe.vae.encode(init_image.to(dev, pipe.vae_dtype))
-        z = sample_latent(mean, logvar, sampling.draw_noise(mean.shape, mean.dtype, dev, generator))  # drawn FIRST
-        x0 = (pipe.vae.config.scaling_factor * z).to(dtype).expand(n, -1, -1, -1)
-        check_finite(x0, "VAE encoder")
-        x = sampling.add_noise(schedule, x0, sampling.draw_noise(x0.shape, dtype, dev, generator))
+    # The random draws come in Diffusers' order: image latent, noise, masked-image latent.
+    pure_noise = init_image is None or (inpaint and s.strength == 1.0)
+    image_latents = None
+    if init_image is not None and not (pure_noise and inpainting_unet):  # an ordinary model keeps the original's
+        image_latents = encode_image(pipe, init_image, generator).expand(n, -1, -1, -1)
+    noise = sampling.draw_noise((n, channels, h, w), dtype, dev, generator)
+    x = noise * schedule.init_noise_sigma if pure_noise else sampling.add_noise(schedule, image_latents, noise)
+    if inpaint:
+        mask = torch.nn.functional.interpolate(pixel_mask, size=(h, w)).to(dev, dtype).expand(n, -1, -1, -1)  # nearest
+        masked = init_image * (pixel_mask < 0.5)  # the part to repaint grey (0)
+        if inpainting_unet:
+            masked_latents = encode_image(pipe, masked, generator).expand(n, -1, -1, -1)
+            extra = torch.cat([mask, masked_latents], dim=1)  # the UNet's 5 extra input channels
+            extra = torch.cat([extra, extra]) if use_cfg else extra
+        else:  # Diffusers encodes the masked image here too, unused by a 4-channel UNet: keep its random draws
+            sampling.draw_noise((1, channels, h, w), pipe.vae_dtype, dev, generator)
 
     # 3. The sampling loop: scale the input, one UNet call on the CFG batch, guidance, one sampler step.
     state = None
@@ -452,10 +498,17 @@ def generate(
     for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress)):
         x_in = sampling.scale_model_input(schedule, i, x)
         x_in = torch.cat([x_in, x_in]) if use_cfg else x_in
+        if inpaint and inpainting_unet:
+            x_in = torch.cat([x_in, extra], dim=1)
         eps = pipe.unet(x_in, t, context)
         if use_cfg:
             eps = classifier_free_guidance(*eps.chunk(2), s.guidance_scale)
         x_in, (x, state) = x, sampling.step(schedule, i, x, eps, state, generator=generator, eta=s.eta)
+        if inpaint and not inpainting_unet:  # keep the unmasked part: the original at the next call's noise level
+            known = (
+                sampling.add_noise(schedule, image_latents, noise, i + 1) if i + 1 < len(timesteps) else image_latents
+            )
+            x = (1 - mask) * known + mask * x
         if callback is not None:
             x0 = sampling.predict_x0(schedule, i, x_in, eps)
             callback(StepInfo(i, len(timesteps), float(schedule.timesteps[i]), float(schedule.sigmas[i]), x, x0))
@@ -464,15 +517,40 @@ def generate(
         return x
 
     # 4. Latent -> pixels, one image at a time: the VAE's activations at full size are the largest of the run.
-    images = np.concatenate([decode(pipe, x[i : i + 1]) for i in range(n)])
-    if output_type == "np":
-        return images
+    images = torch.cat([decode(pipe, x[i : i + 1]) for i in range(n)])
+    if inpaint and s.mask_keep_pixels:  # the original pixels outside the mask, blended through its soft edge
+        alpha = soft_mask.permute(0, 2, 3, 1)
+        images = alpha * images + (1 - alpha) * ((init_image + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
+    return to_output(images, output_type)
+
+
+def check_inpainting(img2img: bool, inpaint: bool, inpainting_unet: bool) -> None:
+    if inpaint and not img2img:
+        raise UserError("a mask needs an init image: --mask-image marks the part of --init-image to repaint")
+    if inpainting_unet and not inpaint:
+        raise UserError("this is an inpainting model (9 UNet input channels): give it --init-image and --mask-image")
+
+
+def encode_image(pipe: Pipeline, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """An image in [-1, 1] (1, 3, H, W) -> a latent drawn from the VAE encoder's posterior (one random draw),
+    times the scaling factor, in the pipeline's dtype: what the UNet works on."""
+    mean, logvar = pipe.vae.encode(image.to(pipe.device, pipe.vae_dtype))
+    z = sample_latent(mean, logvar, sampling.draw_noise(mean.shape, mean.dtype, pipe.device, generator))
+    z = (pipe.vae.config.scaling_factor * z).to(pipe.dtype)
+    check_finite(z, "VAE encoder")
+    return z
+
+
+def to_output(images: torch.Tensor, output_type: str) -> list[Image.Image] | np.ndarray | torch.Tensor:
+    """float32 (N, H, W, 3) pixels in [0, 1] as generate() returns them."""
     if output_type == "pt":
-        return torch.from_numpy(images).permute(0, 3, 1, 2)
-    return [Image.fromarray(img) for img in (images * 255).round().astype(np.uint8)]
+        return images.permute(0, 3, 1, 2).contiguous()
+    if output_type == "np":
+        return images.numpy()
+    return [Image.fromarray(img) for img in (images.numpy() * 255).round().astype(np.uint8)]
 
 
-def decode(pipe: Pipeline, x: torch.Tensor) -> np.ndarray:
+def decode(pipe: Pipeline, x: torch.Tensor) -> torch.Tensor:
     """VAE decode -> float32 (N, H, W, 3) in [0, 1]. fp16 decodes can overflow to inf/NaN (black images) on the
     SD 1.5 VAE: if that happens, say so, switch the VAE to float32 for good and decode again."""
     scale = pipe.vae.config.scaling_factor  # LDM trained the UNet on latents * scale (about unit variance)
@@ -482,7 +560,7 @@ def decode(pipe: Pipeline, x: torch.Tensor) -> np.ndarray:
         pipe.vae, pipe.vae_dtype = pipe.vae.float(), torch.float32  # the next images would overflow too
         pixels = pipe.vae.decode(x.float() / scale)
     check_finite(pixels, "VAE decoder")
-    return (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
 
 # A1111's "Approx cheap" live preview: a linear map from the 4 SD 1.x latent channels (rows) to R, G, B (columns),
@@ -494,7 +572,7 @@ def preview(pipe: Pipeline, latent: torch.Tensor, decoder: str = "cheap") -> Ima
     """One latent (1, 4, H, W) as a picture: through the real VAE, or for free with the linear map above (the
     result blown up to the image size)."""
     if decoder == "vae":
-        return Image.fromarray((decode(pipe, latent)[0] * 255).round().astype(np.uint8))
+        return Image.fromarray((decode(pipe, latent)[0].numpy() * 255).round().astype(np.uint8))
     rgb = torch.einsum("chw,cr->hwr", latent[0].float().cpu(), torch.tensor(LATENT_RGB))  # (H, W, 3), about [-1, 1]
     image = Image.fromarray(((rgb + 1) / 2 * 255).clamp(0, 255).round().byte().numpy())
     f = pipe.vae.downsample_factor
@@ -523,6 +601,7 @@ def parameters_text(s: Settings, prompt: str, negative_prompt: str, size: tuple[
         "Batch size": s.num_images if s.num_images > 1 else None,
         "Clip skip": s.clip_skip + 1 if s.clip_skip else None,
         "Denoising strength": s.strength if img2img else None,
+        "Mask blur": s.mask_blur or None,
         "Eta": s.eta if s.eta else None,
     }
     pairs = ", ".join(f"{k}: {a1111_value(v)}" for k, v in fields.items() if v is not None)
@@ -596,6 +675,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         else:
             p.add_argument(flag, type=f.metadata["type"], default=f.default, help=help)
     p.add_argument("--init-image", default=None, help="image-to-image: start from this picture (sets the size)")
+    p.add_argument("--mask-image", default=None, help="inpainting: repaint the white part of --init-image")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
+                   help="merge a LoRA .safetensors file at WEIGHT (default 1); repeatable")  # fmt: skip
+    p.add_argument(
+        "--lora-dir", default="loras", help="where the prompt's <lora:NAME:WEIGHT> tags find NAME.safetensors"
+    )
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub repo id, Diffusers folder or .safetensors single file")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available, in that order)")
     p.add_argument("--dtype", choices=list(DTYPES), help="weights/activations (default: float16 on CUDA, else float32)")
@@ -776,6 +861,33 @@ def print_warning(message, category, filename, lineno, file=None, line=None) -> 
     print(f"min_pipeline.py: warning: {message}", file=sys.stderr)  # one line, not warnings' file:line + source
 
 
+LORA_TAG = re.compile(r"<lora:([^:<>]+)(?::([^:<>]*))?[^<>]*>")  # A1111's <lora:NAME:WEIGHT> (more fields ignored)
+
+
+def lora_files(args: argparse.Namespace) -> tuple[list[tuple[Path, float]], str]:
+    """The LoRAs to merge: --lora FILE[:WEIGHT] and the prompt's <lora:NAME:WEIGHT> tags, found in --lora-dir as
+    NAME.safetensors. Returns them and the prompt without its tags (the PNG keeps the tags, as A1111 does)."""
+    loras = []
+    for spec in args.lora:
+        path, _, weight = spec.rpartition(":")
+        loras.append((path, weight) if path and re.fullmatch(r"[-+.\deE]+", weight) else (spec, "1"))
+    folder = Path(args.lora_dir).expanduser()
+    for name, weight in LORA_TAG.findall(args.prompt):
+        path = folder / f"{name}.safetensors"
+        if not path.is_file():
+            raise UserError(f"<lora:{name}> in the prompt: no {path.name} in {folder.resolve()}; see --lora-dir")
+        loras.append((str(path), weight or "1"))
+    out = []
+    for path, weight in loras:
+        try:
+            out.append((Path(path).expanduser(), float(weight)))
+        except ValueError:
+            raise UserError(f"LoRA weight {weight!r} of {path} is not a number") from None
+        if not out[-1][0].is_file():
+            raise UserError(f"LoRA file {path} does not exist")
+    return out, LORA_TAG.sub("", args.prompt)
+
+
 def check_watch_options(args: argparse.Namespace, output: Output) -> tuple[Path | None, Path | None]:
     """--trajectory's file and the preview file (`<output>.preview.png`; `preview.png` in an output folder)."""
     trajectory = Path(args.trajectory).expanduser() if args.trajectory else None
@@ -800,7 +912,11 @@ def main(argv: list[str] | None = None) -> int:
             check_metadata_text(args.prompt, args.negative_prompt)
             output = Output.parse(args.output, settings.num_images)
             trajectory, preview_path = check_watch_options(args, output)
+            loras, prompt = lora_files(args)
             init = open_image(args.init_image) if args.init_image else None  # before loading the model
+            mask = open_image(args.mask_image, "mask image") if args.mask_image else None
+            check_inpainting(init is not None, mask is not None, inpainting_unet=False)
+            settings = settings.with_defaults(init is not None, mask is not None)
             device = check_device(args.device)
             if settings.seed == -1:
                 settings = replace(settings, seed=secrets.randbelow(MAX_SEED + 1))
@@ -808,9 +924,11 @@ def main(argv: list[str] | None = None) -> int:
             if device.type == "cpu":
                 tune_malloc()  # -20% per step on the CPU (bench/README.md)
             pipe = load_pipeline(args.model, device, args.dtype)
+            for path, weight in loras:
+                apply_lora(pipe, path, weight)
             watcher = Watcher(pipe, args, preview_path) if args.trajectory or preview_path else None
-            images = generate(pipe, args.prompt, args.negative_prompt, init_image=init, progress=not args.quiet,
-                              callback=watcher, **asdict(settings))  # fmt: skip
+            images = generate(pipe, prompt, args.negative_prompt, init_image=init, mask_image=mask,
+                              progress=not args.quiet, callback=watcher, **asdict(settings))  # fmt: skip
             if args.trajectory:
                 watcher.write_trajectory(trajectory)
             paths = []

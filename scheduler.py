@@ -386,15 +386,16 @@ def make_schedule(sampler: str, steps: int, config: SchedulerConfig, karras: boo
     return Schedule(sampler, timesteps[cut], sigmas[cut], float(init_noise_sigma), ab, ab_prev)
 
 
-def add_noise(schedule: Schedule, x0: Tensor, noise: Tensor) -> Tensor:
-    """Sample the forward process q(x | x_0) at the first call's noise level (img2img), in the variable the
-    sampler moves. With a strength < 1 schedule this is Diffusers' add_noise at timesteps[t_start]."""
+def add_noise(schedule: Schedule, x0: Tensor, noise: Tensor, i: int = 0) -> Tensor:
+    """Sample the forward process q(x | x_0) at the noise level of UNet call i, in the variable the sampler moves:
+    i = 0 starts img2img (Diffusers' add_noise at timesteps[t_start]); inpainting with an ordinary model re-noises
+    the kept region to the next call's level after every step."""
     if SAMPLERS[schedule.sampler].variable == EDM_X:  # x = x_0 + σ ε (EDM Sec. 2, p(x; σ))
-        return x0 + noise * schedule.sigmas[0].to(x0.dtype)
+        return x0 + noise * schedule.sigmas[i].to(x0.dtype)
     if schedule.alpha_bar is None:  # DPM++ knows only σ: x_t = α_t x_0 + σ_t ε
-        alpha_s, sigma_s = vp_coefficients(schedule.sigmas[0].to(x0.dtype))
+        alpha_s, sigma_s = vp_coefficients(schedule.sigmas[i].to(x0.dtype))
         return alpha_s * x0 + sigma_s * noise
-    abar = schedule.alpha_bar[0].to(x0.dtype)  # DDPM Eq. 4
+    abar = schedule.alpha_bar[i].to(x0.dtype)  # DDPM Eq. 4
     return abar**0.5 * x0 + (1 - abar) ** 0.5 * noise
 
 

@@ -11,6 +11,7 @@ Pickled checkpoints (`.bin`, `.ckpt`, `.pt`) are never read: unpickling can run 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import warnings
@@ -229,6 +230,11 @@ def load_component(
 
 def _single_file(path: Path, configs: tuple, dtype, device) -> tuple[CLIPTextModel, UNet, AutoencoderKL]:
     state = load_safetensors(path)  # refuses pickles (.ckpt, ...): they can run code when loaded
+    conv_in, c = state.get(f"{ldm.UNET}input_blocks.0.0.weight"), configs[2].latent_channels
+    if configs[1].in_channels == c and conv_in is not None and conv_in.ndim == 4 and conv_in.shape[1] == 2 * c + 1:
+        # sd-v1-5-inpainting.safetensors: the UNet sees the mask and the masked image's latents too, and only this
+        # tensor tells (its configs are the base model's)
+        configs = (configs[0], dataclasses.replace(configs[1], in_channels=2 * c + 1), configs[2])
     try:
         text, unet, vae = ldm.split_single_file(state, configs[1], configs[2])
     except ValueError as e:  # a key that is in no network

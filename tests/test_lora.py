@@ -13,6 +13,7 @@ import json
 import warnings
 from collections import Counter
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -423,3 +424,43 @@ def test_sd15_size_kohya_equals_diffusers_fuse_lora(sd15_model_dir, tmp_path):
     file = write(tmp_path / "x.safetensors", kohya(lora))
     apply_lora(pipe, file, 0.75)
     assert_weights_equal_reference(pipe, fused_reference(sd15_model_dir, [file], [0.75]))
+
+
+def test_cli_lora_option_and_prompt_tag(tiny_model_dir, tmp_path, capsys):
+    """--lora FILE:WEIGHT and A1111's <lora:NAME:WEIGHT> tag (found in --lora-dir, removed from the text that is
+    encoded, kept in the PNG) both merge the file: the image equals apply_lora + generate through the API."""
+    from PIL import Image
+
+    from min_pipeline import apply_lora, generate, main, read_parameters
+
+    pipe = ours(tiny_model_dir)
+    (tmp_path / "loras").mkdir()
+    path = tmp_path / "loras" / "fox.safetensors"
+    write_format("kohya", tiny_model_dir, pipe, format_lora("kohya", pipe, seed=5), path)
+    apply_lora(pipe, path, 0.7)
+    want = np.asarray(generate(pipe, "a fox", steps=2, height=16, width=16, progress=False)[0])
+    base = [
+        "--model",
+        str(tiny_model_dir),
+        "--device",
+        "cpu",
+        "--quiet",
+        "--steps",
+        "2",
+        "--height",
+        "16",
+        "--width",
+        "16",
+    ]
+    runs = {"option": ["--prompt", "a fox", "--lora", f"{path}:0.7"],
+            "tag": ["--prompt", "a fox<lora:fox:0.7>", "--lora-dir", str(tmp_path / "loras")]}  # fmt: skip
+    for name, args in runs.items():
+        out = tmp_path / f"{name}.png"
+        assert main([*base, *args, "--output", str(out)]) == 0
+        assert np.array_equal(np.asarray(Image.open(out)), want), name
+    assert read_parameters(Image.open(tmp_path / "tag.png").text["parameters"])["prompt"] == "a fox<lora:fox:0.7>"
+    assert main([*base, "--prompt", "x <lora:owl:1>", "--lora-dir", str(tmp_path / "loras")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert (
+        err.startswith("min_pipeline.py: error: <lora:owl> in the prompt: no owl.safetensors in ") and "\n" not in err
+    )
