@@ -18,7 +18,8 @@ U+0345); and applies NFC after html.unescape, OpenAI only before. tests/test_tok
 import gzip
 import html
 import json
-from itertools import pairwise
+from collections.abc import Iterator
+from itertools import count, pairwise, takewhile
 from pathlib import Path
 
 import ftfy
@@ -63,6 +64,11 @@ def clean(text: str) -> str:
     return WHITESPACE.sub(" ", text).strip().lower()
 
 
+def slot_names(name: str) -> Iterator[str]:
+    """name, name_1, name_2, ...: the tokens of a multi-vector embedding, as Diffusers names them."""
+    return (f"{name}_{n}" if n else name for n in count())
+
+
 class CLIPTokenizer:
     """Prompt(s) -> (B, 77) ids for SD 1.5's CLIP text encoder.
 
@@ -72,6 +78,7 @@ class CLIPTokenizer:
     tok(["a cat", "a dog"])                # LongTensor (2, 77): cut to 77 (EOS kept last), padded with EOS
     tok.truncated(prompt)                  # the text that tok(prompt) drops, '' if the prompt fits
     tok.decode(ids)                        # text; BOS/EOS/padding left out
+    tok.add_tokens(["<x>", "<x>_1"])       # [49408, 49409]: new whole words (embeddings); "<x>" -> both ids
     """
 
     BOS, EOS, MAX_LENGTH = 49406, 49407, 77  # <|startoftext|>, <|endoftext|> (also the padding), CLIP context
@@ -99,6 +106,30 @@ class CLIPTokenizer:
         self.ranks = {pair: rank for rank, pair in enumerate(merges)}
         # word -> ids: prompts reuse a small set of words, so after warm-up most words skip the merge loop
         self.cache = {s: [self.encoder[s]] for s in SPECIALS}
+        self.added: dict[str, int] = {}  # add_tokens' words (cleaned) -> id
+        self.added_words = regex.compile("(?!)")  # the regex that finds them; until then one that matches nothing
+
+    def __len__(self) -> int:
+        return max(self.decoder) + 1  # ids in use, added tokens included
+
+    def add_tokens(self, names: list[str]) -> list[int]:
+        """Register words as new tokens (textual-inversion embeddings) with the next free ids, and return those.
+        They are found in the cleaned, so lower-cased, prompt before the word split (case-insensitive, as
+        Transformers' added tokens), where no letter or digit continues them. A typed `name` gives its id, then
+        those of `name_1`, `name_2`, ... while registered (`slot_names`)."""
+        keys = [clean(name) for name in names]
+        for name, key in zip(names, keys, strict=True):
+            taken = key in self.encoder or key + "</w>" in self.encoder  # would hide a word CLIP knows
+            if not key or taken or key in self.added or keys.count(key) > 1:
+                why = "empty" if not key else "in CLIP's vocabulary" if taken else "already added"
+                raise ValueError(f"cannot add token {name!r}: {why} (tokens match case-insensitively)")
+        ids = list(range(len(self), len(self) + len(keys)))
+        for key, i in zip(keys, ids, strict=True):
+            self.added[key] = i
+            self.decoder[i] = "".join(self.byte_char[b] for b in key.encode("utf-8")) + "</w>"
+        words = "|".join(map(regex.escape, sorted(self.added, key=len, reverse=True)))  # longest first: x_1 before x
+        self.added_words = regex.compile(rf"(?<![\p{{L}}\p{{N}}])({words})(?![\p{{L}}\p{{N}}])")
+        return ids
 
     @classmethod
     def from_folder(cls, path: str | Path) -> "CLIPTokenizer":
@@ -128,9 +159,12 @@ class CLIPTokenizer:
 
     def encode(self, text: str) -> list[int]:
         """[BOS, ..., EOS] for one prompt, not truncated and not padded."""
-        ids = [self.BOS]
-        for word in WORDS.findall(clean(text)):
-            ids += self.bpe(word)
+        ids, text = [self.BOS], clean(text)
+        for i, piece in enumerate(self.added_words.split(text)):  # plain text, added token, plain text, ...
+            if i % 2 == 0:
+                ids += [t for word in WORDS.findall(piece) for t in self.bpe(word)]
+            else:  # an added token, then its further vectors if it has some: piece, piece_1, piece_2, ...
+                ids += [self.added[s] for s in takewhile(self.added.__contains__, slot_names(piece))]
         return ids + [self.EOS]
 
     def __call__(self, prompts: str | list[str]) -> torch.Tensor:
