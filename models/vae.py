@@ -9,6 +9,7 @@ single-head self-attention. Parameter names equal the Diffusers checkpoint keys,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -20,6 +21,7 @@ from models.configs import MAX_LAYERS, MAX_WIDTH, check, integer, number, widths
 from models.unet import Downsample, ResnetBlock2D, Upsample
 
 EPS = 1e-6  # every GroupNorm of the VAE (Diffusers' Encoder/Decoder hard-code it; the UNet uses 1e-5)
+TILE_OVERLAP = 0.25  # tiled encode/decode: the share of a tile's side its neighbour also covers (Diffusers' value)
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,9 @@ class VAEConfig:
     # variance. Source: LDM configs/stable-diffusion/v1-inference.yaml `scale_factor: 0.18215`; the official SD 1.5
     # vae/config.json has no such key and Diffusers' AutoencoderKL defaults it to the same value.
     scaling_factor: float = 0.18215
+    # Tiled encode/decode (`AutoencoderKL.decode(z, tiled=True)`) cuts images into tiles of this side in pixels,
+    # latents into tiles of sample_size / downsample_factor: the size the VAE was trained at.
+    sample_size: int = 512
 
     # Keys SD 1.5's VAE fixes, each with the one value implemented here (Diffusers' default); read_config refuses any
     # other, an absent key is fine. `force_upcast` is not here: it only says to decode in float32, which the pipeline
@@ -56,8 +61,13 @@ class VAEConfig:
             "norm_num_groups": integer(groups, 1, MAX_WIDTH),
             "scaling_factor": number(self.scaling_factor, 0, 100),
         })  # fmt: skip
-        divides = all(c % groups == 0 for c in chs)
-        check("VAE", self, {"norm_num_groups": (divides, f"a divisor of every width in {chs}")})
+        divides, f = all(c % groups == 0 for c in chs), 2 ** (len(chs) - 1)
+        # a whole number of latents per tile and >= 4 of them, so tiles advance and their blends are >= 1 wide
+        tile_ok = integer(self.sample_size, 4 * f, 64 * MAX_WIDTH)[0] and self.sample_size % f == 0
+        check("VAE", self, {
+            "norm_num_groups": (divides, f"a divisor of every width in {chs}"),
+            "sample_size": (tile_ok, f"a multiple of {f} in [{4 * f}, {64 * MAX_WIDTH}]"),
+        })  # fmt: skip
 
 
 class AttnBlock(nn.Module):
@@ -170,6 +180,38 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(x)))
 
 
+def blend(a: Tensor, b: Tensor, extent: int, dim: int) -> Tensor:
+    """Tile `b` with its first `extent` rows (dim 2) or columns (dim 3) cross-faded from the last ones of `a`, its
+    neighbour above or to the left: weight k/extent on b's own k-th line, 1 - k/extent on a's (Diffusers' blend_v/h)."""
+    n = min(a.shape[dim], b.shape[dim], extent)
+    w = (torch.arange(n, device=b.device) / n).view((-1, 1) if dim == 2 else (-1,))  # float32 ramp 0 .. (n-1)/n
+    head = a.narrow(dim, a.shape[dim] - n, n) * (1 - w) + b.narrow(dim, 0, n) * w
+    return torch.cat([head.to(b.dtype), b.narrow(dim, n, b.shape[dim] - n)], dim=dim)
+
+
+def run_tiled(fn: Callable[[Tensor], Tensor], x: Tensor, tile_in: int, tile_out: int) -> Tensor:
+    """fn(x) computed tile by tile, to bound the memory of large images; Diffusers' AutoencoderKL tiling.
+
+    Tiles of side `tile_in` start every (1 - TILE_OVERLAP) * tile_in along H and W (edge tiles are smaller). Each
+    output tile (side up to `tile_out`) has its first TILE_OVERLAP * tile_out rows and columns cross-faded from the
+    already blended tiles above and to its left, then its first tile_out - that rows and columns are kept. Not
+    equal to the untiled result: a tile sees only its own pixels (attention and GroupNorm statistics included).
+    """
+    stride, extent = int(tile_in * (1 - TILE_OVERLAP)), int(tile_out * TILE_OVERLAP)
+    keep = tile_out - extent
+    grid = [
+        [fn(x[:, :, i : i + tile_in, j : j + tile_in]) for j in range(0, x.shape[3], stride)]
+        for i in range(0, x.shape[2], stride)
+    ]
+    for i, row in enumerate(grid):  # raster order: the neighbours a tile blends with are already blended themselves
+        for j in range(len(row)):
+            if i > 0:
+                row[j] = blend(grid[i - 1][j], row[j], extent, dim=2)
+            if j > 0:
+                row[j] = blend(row[j - 1], row[j], extent, dim=3)
+    return torch.cat([torch.cat([t[:, :, :keep, :keep] for t in row], dim=3) for row in grid], dim=2)
+
+
 class AutoencoderKL(nn.Module):
     def __init__(self, config: VAEConfig):
         super().__init__()
@@ -188,17 +230,37 @@ class AutoencoderKL(nn.Module):
         """
         return 2 ** (len(self.config.block_out_channels) - 1)
 
-    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    @property
+    def latent_tile(self) -> int:
+        """The side, in latents, of the tiles a tiled decode cuts a latent into: config.sample_size pixels."""
+        return self.config.sample_size // self.downsample_factor
+
+    def needs_tiling(self, height: int, width: int) -> bool:
+        """Does a tiled encode/decode of an image this size (pixels) split it? Only if a side exceeds a tile."""
+        return max(height, width) > self.config.sample_size
+
+    def encode(self, x: Tensor, tiled: bool = False) -> tuple[Tensor, Tensor]:
         """Image in [-1, 1] (B, 3, 8H, 8W) -> (mean, logvar) of the latent posterior, each (B, 4, H, W).
 
-        Unscaled: multiply a latent by `config.scaling_factor` before diffusion. The mode is the mean.
+        Unscaled: multiply a latent by `config.scaling_factor` before diffusion. The mode is the mean. `tiled`: as
+        Diffusers after `vae.enable_tiling()`: if `needs_tiling`, in tiles of config.sample_size pixels.
         """
-        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        if tiled and self.needs_tiling(*x.shape[-2:]):  # per tile as Diffusers: quant_conv, then blend the moments
+            h = run_tiled(lambda t: self.quant_conv(self.encoder(t)), x, self.config.sample_size, self.latent_tile)
+        else:
+            h = self.quant_conv(self.encoder(x))
+        mean, logvar = h.chunk(2, dim=1)
         # Bound the log-variance as LDM's DiagonalGaussianDistribution (and Diffusers') does, so exp() stays finite.
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def decode(self, z: Tensor) -> Tensor:
-        """Latent (B, 4, H, W), already divided by `config.scaling_factor` -> image (B, 3, 8H, 8W), about [-1, 1]."""
+    def decode(self, z: Tensor, tiled: bool = False) -> Tensor:
+        """Latent (B, 4, H, W), already divided by `config.scaling_factor` -> image (B, 3, 8H, 8W), about [-1, 1].
+
+        `tiled`: as Diffusers after `vae.enable_tiling()`: if `needs_tiling`, in tiles of `latent_tile` latents.
+        """
+        if tiled and self.needs_tiling(*(s * self.downsample_factor for s in z.shape[-2:])):
+            decode = lambda t: self.decoder(self.post_quant_conv(t))  # noqa: E731 (per tile, as Diffusers)
+            return run_tiled(decode, z, self.latent_tile, self.config.sample_size)
         return self.decoder(self.post_quant_conv(z))
 
 
