@@ -42,11 +42,13 @@ from tqdm import tqdm
 
 import scheduler as sampling
 from models.clip import CLIPTextConfig, CLIPTextModel
+from models.embeddings import load_embedding  # noqa: F401 (public API: textual-inversion embeddings)
 from models.loading import DEFAULT_MODEL, WeightsError, load_model
 from models.lora import apply_lora, remove_loras  # noqa: F401 (public API: LoRA files merged into the weights)
 from models.unet import UNet
 from models.vae import AutoencoderKL, sample_latent
 from tokenizer import CLIPTokenizer
+from tokenizer.prompt_syntax import chunk_prompt, parse_prompt_attention, prompt_schedules
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # SD 1.5 was trained on 1000 timesteps; "leading" spacing with steps_offset 1 would ask for t = 1000 at 1000 steps.
@@ -112,6 +114,8 @@ class Settings:
     eta: float = setting(0.0, "DDIM eta (0: deterministic; ddim only)")
     mask_blur: int = setting(0, "inpainting: Gaussian blur radius of the mask in pixels (A1111's mask blur)")
     mask_keep_pixels: bool = setting(False, "inpainting: paste the original pixels back outside the mask")
+    vae_tiling: bool = setting(False, "VAE in overlapping tiles (Diffusers' enable_tiling): large images in bounded "
+                               "memory; switched on by itself when an untiled pass would not fit")  # fmt: skip
 
     def __post_init__(self):  # types first, so that check() compares numbers (numpy integers become ints)
         for f in fields(self):
@@ -225,12 +229,61 @@ def load_pipeline(
 
 
 def encode_prompts(pipe: Pipeline, prompts: list[str], clip_skip: int | None) -> torch.Tensor:
-    """Prompts -> CLIP context (B, 77, D). Clip skip applies to every prompt, negative ones included (as A1111)."""
+    """Prompts as plain text (Diffusers' reading: brackets are text, cut at CLIP's 77 tokens) -> context (B, 77, D).
+    Clip skip applies to every prompt, negative ones included (as A1111)."""
     for p in prompts:
         if dropped := pipe.tokenizer.truncated(p):
             warnings.warn(f"the prompt is longer than CLIP's 77 tokens; dropped: {dropped!r}", stacklevel=3)
     ids = pipe.tokenizer(prompts).to(pipe.device)
     return pipe.text_encoder(ids, clip_skip=clip_skip)
+
+
+def encode_a1111(pipe: Pipeline, texts: list[str], clip_skip: int | None) -> list[torch.Tensor]:
+    """Prompts as A1111 reads them, any length -> one context (1, 77 k, D) each. parse_prompt_attention finds the
+    (emphasis:1.2) weights and BREAKs, chunk_prompt cuts the tokens into k CLIP windows of BOS + 75 + EOS (a full
+    window hands the words after its last comma to the next one); all windows go through the text encoder in one
+    batch; then A1111's "Original" emphasis (sd_emphasis.EmphasisOriginal): each token's vector times its weight,
+    the window rescaled to its mean before. Plain text of <= 75 tokens is exactly Diffusers' conditioning."""
+    tok = pipe.tokenizer
+    comma = tok.encode(",")[1]
+    windows = [chunk_prompt(parse_prompt_attention(t), tok.encode, tok.BOS, tok.EOS, comma) for t in texts]
+    ids = torch.tensor([w[0] for ws in windows for w in ws], device=pipe.device)
+    weights = torch.tensor([w[1] for ws in windows for w in ws], device=pipe.device)
+    z = pipe.text_encoder(ids, clip_skip=clip_skip)  # (windows, 77, D)
+    if (weights != 1).any():
+        mean = z.mean(dim=(1, 2), keepdim=True)
+        z = z * weights[:, :, None].to(z.dtype)
+        z = z * (mean / z.mean(dim=(1, 2), keepdim=True))
+    return [c.reshape(1, -1, z.shape[-1]) for c in z.split([len(ws) for ws in windows])]
+
+
+def conditioning(pipe: Pipeline, prompts: list[str], negatives: list[str], s: Settings, use_cfg: bool,
+                 syntax: str) -> list[tuple[int, torch.Tensor]]:  # fmt: skip
+    """The UNet's context for every step, as [(last step it is used, context (2B or B, L, D))], computed before the
+    loop. Plain syntax: one entry. A1111 syntax: prompt editing [from:to:when] and [a|b] alternation switch the text
+    at some steps (prompt_schedules); at each switch the prompts and negative prompts, of any number of windows,
+    are padded to the same length with the empty prompt's encoding (A1111's "pad prompt/negative prompt to be the
+    same length"), so the UNet still runs one batched CFG call."""
+    groups = [negatives, prompts] if use_cfg else [prompts]  # the unconditional half first
+    if syntax == "plain":
+        context = torch.cat([encode_prompts(pipe, group, s.clip_skip) for group in groups])
+        return [(s.steps, context.repeat_interleave(s.num_images, dim=0))]
+    try:  # A1111 raises on a few malformed weights too: (x:1.2.3), [a:1e999]
+        schedules = [prompt_schedules(group, s.steps) for group in groups]
+        [parse_prompt_attention(t) for group in schedules for sched in group for _, t in sched]
+    except (ValueError, OverflowError) as e:
+        raise UserError(f"cannot read the prompt's A1111 syntax ({e}); fix it, or pass --plain-prompt") from None
+    texts = [list(dict.fromkeys(t for sched in group for _, t in sched)) for group in schedules]
+    encoded = [dict(zip(t, encode_a1111(pipe, t, s.clip_skip), strict=True)) for t in texts]
+    empty = encoded[0][""] if "" in encoded[0] else encode_a1111(pipe, [""], s.clip_skip)[0]
+    out = []
+    for end in sorted({e for group in schedules for sched in group for e, _ in sched}):
+        rows = [enc[next(t for e, t in sched if e >= end)] for group, enc in zip(schedules, encoded, strict=True)
+                for sched in group]  # fmt: skip
+        length = max(r.shape[1] for r in rows)
+        rows = [torch.cat([r, *[empty] * ((length - r.shape[1]) // empty.shape[1])], dim=1) for r in rows]
+        out.append((end, torch.cat(rows).repeat_interleave(s.num_images, dim=0)))
+    return out
 
 
 def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float) -> torch.Tensor:
@@ -354,23 +407,32 @@ def available_bytes(device: torch.device) -> int | None:
         return None
 
 
-def check_cost(pipe: Pipeline, s: Settings, batch: int, latent: tuple[int, int], calls: int) -> None:
+def check_cost(pipe: Pipeline, s: Settings, batch: int, latent: tuple[int, int], calls: int) -> bool:
     """Refuse, before any work and with the estimate, a run that cannot fit in memory or cannot finish; warn
     about a long one. Memory: the largest working set of the UNet (the skip activations and the first level's
     feed-forward, 8 C per token) or of one image's VAE decode (about 8 tensors of the VAE's widest level at full
-    size); attention needs O(T) memory with PyTorch's fused kernels. Time (CPU only): FLOPs / measured speed."""
+    size, or at tile size when tiled); attention needs O(T) memory with PyTorch's fused kernels. A VAE that would
+    not fit untiled is tiled, with a warning. Time (CPU only): FLOPs / measured speed. Returns whether to tile."""
     (h, w), item = latent, torch.finfo(pipe.dtype).bits // 8
-    cfg, vae = pipe.unet.config, pipe.vae.config
+    cfg, vae, f = pipe.unet.config, pipe.vae.config, pipe.vae.downsample_factor
     skips = sum((cfg.layers_per_block + 1) * c * (h >> i) * (w >> i) for i, c in enumerate(cfg.block_out_channels))
     unet_bytes = batch * (skips + 12 * cfg.block_out_channels[0] * h * w) * item
-    pixels = h * w * pipe.vae.downsample_factor**2
-    vae_bytes = 8 * vae.block_out_channels[0] * pixels * torch.finfo(pipe.vae_dtype).bits // 8
-    need, free = max(unet_bytes, vae_bytes), available_bytes(pipe.device)
+
+    def vae_bytes(pixels: int) -> int:
+        return 8 * vae.block_out_channels[0] * pixels * torch.finfo(pipe.vae_dtype).bits // 8
+
+    free, tiled = available_bytes(pipe.device), s.vae_tiling and pipe.vae.needs_tiling(h * f, w * f)
+    if free is not None and not tiled and vae_bytes(h * w * f * f) > free and pipe.vae.needs_tiling(h * f, w * f):
+        gb = vae_bytes(h * w * f * f) / 2**30
+        warnings.warn(f"an untiled VAE pass at {s.width}x{s.height} needs about {gb:.1f} GB, {free / 2**30:.1f} GB "
+                      "is free: decoding in tiles (--vae-tiling)", stacklevel=3)  # fmt: skip
+        tiled = True
+    need = max(unet_bytes, vae_bytes(min(h * w * f * f, vae.sample_size**2) if tiled else h * w * f * f))
     if free is not None and need > free:
         raise UserError(f"{s.width}x{s.height} needs about {need / 2**30:.1f} GB of working memory, but only "
                         f"{free / 2**30:.1f} GB is free on {pipe.device}; use a smaller size")  # fmt: skip
     if pipe.device.type != "cpu":
-        return
+        return tiled
     per_call = batch * unet_flops(cfg, h, w) / cpu_flops_per_second()
     if per_call > MAX_STEP_SECONDS:
         raise UserError(f"{s.width}x{s.height} would take about {per_call / 3600:.1f} h per step on this CPU "
@@ -380,6 +442,7 @@ def check_cost(pipe: Pipeline, s: Settings, batch: int, latent: tuple[int, int],
         warnings.warn(
             f"{s.width}x{s.height} may take up to {minutes:.0f} min on this CPU (a rough estimate)", stacklevel=3
         )
+    return tiled
 
 
 @dataclass(frozen=True)
@@ -415,6 +478,8 @@ def generate(
     mask_image: Image.Image | str | Path | None = None,
     mask_blur: int = Settings.mask_blur,
     mask_keep_pixels: bool = Settings.mask_keep_pixels,
+    vae_tiling: bool = Settings.vae_tiling,
+    prompt_syntax: str = "a1111",
     output_type: str = "pil",
     progress: bool = True,
     callback: Callable[[StepInfo], None] | None = None,
@@ -438,9 +503,11 @@ def generate(
             raise TypeError(f"{name} must be a PIL image or a file path, got {type(image).__name__}")
     if output_type not in OUTPUT_TYPES:
         raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+    if prompt_syntax not in ("a1111", "plain"):
+        raise ValueError(f"prompt_syntax must be 'a1111' or 'plain', got {prompt_syntax!r}")
     s = Settings(scheduler=scheduler, karras=karras, steps=steps, guidance_scale=guidance_scale, height=height,
                  width=width, seed=seed, num_images=num_images, clip_skip=clip_skip, strength=strength, eta=eta,
-                 mask_blur=mask_blur, mask_keep_pixels=mask_keep_pixels)  # fmt: skip
+                 mask_blur=mask_blur, mask_keep_pixels=mask_keep_pixels, vae_tiling=vae_tiling)  # fmt: skip
     inpaint, channels = mask_image is not None, pipe.vae.config.latent_channels
     inpainting_unet = pipe.unet.config.in_channels == 2 * channels + 1  # latents + mask + masked-image latents
     check_inpainting(init_image is not None, inpaint, inpainting_unet)
@@ -457,36 +524,35 @@ def generate(
             warnings.warn("the mask is all black: nothing to repaint; returning the image as it is", stacklevel=3)
             return to_output(((init_image + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).repeat(n, 1, 1, 1), output_type)
     h, w = s.height // factor, s.width // factor
-    schedule = sampling.make_schedule(s.scheduler, s.steps, pipe.scheduler_config, s.karras,
-                                      strength=s.strength if init_image is not None else 1.0)  # fmt: skip
+    strength_used = s.strength if init_image is not None else 1.0
+    schedule = sampling.make_schedule(s.scheduler, s.steps, pipe.scheduler_config, s.karras, strength=strength_used)
     use_cfg = s.guidance_scale > 1.0  # at s <= 1 the unconditional pass is skipped, as in Diffusers
-    check_cost(pipe, s, n * (2 if use_cfg else 1), (h, w), len(schedule.timesteps))
+    tiled = check_cost(pipe, s, n * (2 if use_cfg else 1), (h, w), len(schedule.timesteps))
     if s.seed == -1:
         s = replace(s, seed=secrets.randbelow(MAX_SEED + 1))
         warnings.warn(f"seed -1: using the random seed {s.seed}", stacklevel=3)
     dev, dtype = pipe.device, pipe.dtype
     generator = torch.Generator().manual_seed(s.seed)  # on the CPU: the same noise, so the same image, on any device
 
-    # 1. Text -> context. Each prompt's context is repeated num_images times (p0, p0, p1, p1, ...).
-    context = encode_prompts(pipe, prompts, s.clip_skip).repeat_interleave(s.num_images, dim=0)
-    if use_cfg:
-        uncond = encode_prompts(pipe, negatives, s.clip_skip).repeat_interleave(s.num_images, dim=0)
-        context = torch.cat([uncond, context])  # (2B, 77, D): one UNet call for both halves
-    check_finite(context, "text encoder")
+    # 1. Text -> context for each step: (2B, L, D), the unconditional half first, each prompt's rows repeated
+    # num_images times (p0, p0, p1, p1, ...), so that one UNet call serves both halves of CFG.
+    contexts = conditioning(pipe, prompts, negatives, s, use_cfg, prompt_syntax)
+    for _, context in contexts:
+        check_finite(context, "text encoder")
 
     # 2. The starting latent: pure noise, or the init image's latent noised to `strength` (the schedule's start).
     # The random draws come in Diffusers' order: image latent, noise, masked-image latent.
     pure_noise = init_image is None or (inpaint and s.strength == 1.0)
     image_latents = None
     if init_image is not None and not (pure_noise and inpainting_unet):  # an ordinary model keeps the original's
-        image_latents = encode_image(pipe, init_image, generator).expand(n, -1, -1, -1)
+        image_latents = encode_image(pipe, init_image, generator, tiled).expand(n, -1, -1, -1)
     noise = sampling.draw_noise((n, channels, h, w), dtype, dev, generator)
     x = noise * schedule.init_noise_sigma if pure_noise else sampling.add_noise(schedule, image_latents, noise)
     if inpaint:
         mask = torch.nn.functional.interpolate(pixel_mask, size=(h, w)).to(dev, dtype).expand(n, -1, -1, -1)  # nearest
         masked = init_image * (pixel_mask < 0.5)  # the part to repaint grey (0)
         if inpainting_unet:
-            masked_latents = encode_image(pipe, masked, generator).expand(n, -1, -1, -1)
+            masked_latents = encode_image(pipe, masked, generator, tiled).expand(n, -1, -1, -1)
             extra = torch.cat([mask, masked_latents], dim=1)  # the UNet's 5 extra input channels
             extra = torch.cat([extra, extra]) if use_cfg else extra
         else:  # Diffusers encodes the masked image here too, unused by a 4-channel UNet: keep its random draws
@@ -495,7 +561,10 @@ def generate(
     # 3. The sampling loop: scale the input, one UNet call on the CFG batch, guidance, one sampler step.
     state = None
     timesteps = schedule.timesteps.to(dev)  # once, not a host-to-device copy per step
+    calls_per_step, first_step = sampling.SAMPLERS[s.scheduler].unet_calls, s.steps - int(s.steps * strength_used)
     for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress)):
+        step = first_step + i // calls_per_step  # A1111 counts prompt-editing steps from 0
+        context = next(c for end, c in contexts if step <= end)
         x_in = sampling.scale_model_input(schedule, i, x)
         x_in = torch.cat([x_in, x_in]) if use_cfg else x_in
         if inpaint and inpainting_unet:
@@ -517,7 +586,7 @@ def generate(
         return x
 
     # 4. Latent -> pixels, one image at a time: the VAE's activations at full size are the largest of the run.
-    images = torch.cat([decode(pipe, x[i : i + 1]) for i in range(n)])
+    images = torch.cat([decode(pipe, x[i : i + 1], tiled) for i in range(n)])
     if inpaint and s.mask_keep_pixels:  # the original pixels outside the mask, blended through its soft edge
         alpha = soft_mask.permute(0, 2, 3, 1)
         images = alpha * images + (1 - alpha) * ((init_image + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)
@@ -531,10 +600,10 @@ def check_inpainting(img2img: bool, inpaint: bool, inpainting_unet: bool) -> Non
         raise UserError("this is an inpainting model (9 UNet input channels): give it --init-image and --mask-image")
 
 
-def encode_image(pipe: Pipeline, image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def encode_image(pipe: Pipeline, image: torch.Tensor, generator: torch.Generator, tiled: bool = False) -> torch.Tensor:
     """An image in [-1, 1] (1, 3, H, W) -> a latent drawn from the VAE encoder's posterior (one random draw),
     times the scaling factor, in the pipeline's dtype: what the UNet works on."""
-    mean, logvar = pipe.vae.encode(image.to(pipe.device, pipe.vae_dtype))
+    mean, logvar = pipe.vae.encode(image.to(pipe.device, pipe.vae_dtype), tiled=tiled)
     z = sample_latent(mean, logvar, sampling.draw_noise(mean.shape, mean.dtype, pipe.device, generator))
     z = (pipe.vae.config.scaling_factor * z).to(pipe.dtype)
     check_finite(z, "VAE encoder")
@@ -550,15 +619,15 @@ def to_output(images: torch.Tensor, output_type: str) -> list[Image.Image] | np.
     return [Image.fromarray(img) for img in (images.numpy() * 255).round().astype(np.uint8)]
 
 
-def decode(pipe: Pipeline, x: torch.Tensor) -> torch.Tensor:
+def decode(pipe: Pipeline, x: torch.Tensor, tiled: bool = False) -> torch.Tensor:
     """VAE decode -> float32 (N, H, W, 3) in [0, 1]. fp16 decodes can overflow to inf/NaN (black images) on the
     SD 1.5 VAE: if that happens, say so, switch the VAE to float32 for good and decode again."""
     scale = pipe.vae.config.scaling_factor  # LDM trained the UNet on latents * scale (about unit variance)
-    pixels = pipe.vae.decode((x / scale).to(pipe.vae_dtype))
+    pixels = pipe.vae.decode((x / scale).to(pipe.vae_dtype), tiled=tiled)
     if pixels.dtype == torch.float16 and not torch.isfinite(pixels).all():
         warnings.warn("the float16 VAE decode overflowed; decoding again in float32", stacklevel=2)
         pipe.vae, pipe.vae_dtype = pipe.vae.float(), torch.float32  # the next images would overflow too
-        pixels = pipe.vae.decode(x.float() / scale)
+        pixels = pipe.vae.decode(x.float() / scale, tiled=tiled)
     check_finite(pixels, "VAE decoder")
     return (pixels.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
 
@@ -674,12 +743,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.add_argument(flag, action="store_true", help=help)
         else:
             p.add_argument(flag, type=f.metadata["type"], default=f.default, help=help)
+    p.add_argument("--plain-prompt", action="store_true",
+                   help="read prompts as literal text cut at 77 tokens (Diffusers), not A1111's syntax")  # fmt: skip
     p.add_argument("--init-image", default=None, help="image-to-image: start from this picture (sets the size)")
     p.add_argument("--mask-image", default=None, help="inpainting: repaint the white part of --init-image")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="merge a LoRA .safetensors file at WEIGHT (default 1); repeatable")  # fmt: skip
     p.add_argument(
         "--lora-dir", default="loras", help="where the prompt's <lora:NAME:WEIGHT> tags find NAME.safetensors"
+    )
+    p.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                   help="a textual-inversion .safetensors; its file name in a prompt means it; repeatable")  # fmt: skip
+    p.add_argument(
+        "--embeddings-dir", help="every .safetensors here becomes usable by name (A1111's embeddings folder)"
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub repo id, Diffusers folder or .safetensors single file")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available, in that order)")
@@ -926,9 +1002,18 @@ def main(argv: list[str] | None = None) -> int:
             pipe = load_pipeline(args.model, device, args.dtype)
             for path, weight in loras:
                 apply_lora(pipe, path, weight)
+            folder = Path(args.embeddings_dir).expanduser() if args.embeddings_dir else None
+            if folder is not None and not folder.is_dir():
+                raise UserError(f"--embeddings-dir {args.embeddings_dir} is not a folder")
+            for path in [*map(Path, args.embedding), *(sorted(folder.glob("*.safetensors")) if folder else [])]:
+                try:
+                    load_embedding(pipe, path)
+                except ValueError as e:  # a name already taken
+                    raise UserError(f"embedding {path}: {e}") from None
             watcher = Watcher(pipe, args, preview_path) if args.trajectory or preview_path else None
             images = generate(pipe, prompt, args.negative_prompt, init_image=init, mask_image=mask,
-                              progress=not args.quiet, callback=watcher, **asdict(settings))  # fmt: skip
+                              prompt_syntax="plain" if args.plain_prompt else "a1111", progress=not args.quiet,
+                              callback=watcher, **asdict(settings))  # fmt: skip
             if args.trajectory:
                 watcher.write_trajectory(trajectory)
             paths = []
