@@ -26,6 +26,7 @@ import operator
 import os
 import re
 import secrets
+import shlex
 import stat
 import sys
 import tempfile
@@ -735,7 +736,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Stable Diffusion 1.5 text-to-image / image-to-image in plain PyTorch.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--prompt", required=True, help="what to draw")
+    p.add_argument("--prompt", help="what to draw (A1111 syntax: (word:1.2), [from:to:when], BREAK, <lora:NAME:W>)")
+    p.add_argument("--from-file", metavar="FILE", help="one generation per line: 'prompt --seed 3 --steps 20 ...'")
+    p.add_argument("--shard", metavar="K/N", help="--from-file: run lines with number %% N == K; auto: RANK/WORLD_SIZE")
+    p.add_argument("--skip-existing", action="store_true", help="--from-file: skip lines whose output exists")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (replaces the empty prompt in CFG)")
     for f in fields(Settings):  # --steps, --guidance-scale, ...: one option per setting
         flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
@@ -976,50 +980,120 @@ def check_watch_options(args: argparse.Namespace, output: Output) -> tuple[Path 
     return trajectory, output.path / "preview.png" if output.is_folder else output.path.with_suffix(".preview.png")
 
 
+LINE_OPTIONS = ("--negative-prompt", "--seed", "--steps", "--guidance-scale", "--width", "--height", "--scheduler")
+
+
+def prompt_file_jobs(args: argparse.Namespace) -> list[tuple[int, argparse.Namespace]]:
+    """--from-file: one job per non-empty line, `prompt text --seed 3 --steps 20 ...` (the options of A1111's
+    "prompts from file" script, our spelling), numbered from 1; --shard K/N keeps the lines with number % N == K."""
+    try:
+        lines = Path(args.from_file).expanduser().read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read --from-file {args.from_file}: {e}") from None
+    k, n = shard(args.shard)
+    jobs = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or number % n != k:
+            continue
+        prompt, sep, rest = line.partition(" --")
+        options = line_parser().parse_args(shlex.split(sep.strip() + rest) if sep else [])
+        jobs.append((number, argparse.Namespace(**{**vars(args), **vars(options), "prompt": prompt.strip()})))
+    return jobs
+
+
+@functools.cache
+def line_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="a line of --from-file", add_help=False)
+    for flag in LINE_OPTIONS:
+        p.add_argument(flag, type=str, default=argparse.SUPPRESS)
+    return p
+
+
+def shard(spec: str | None) -> tuple[int, int]:
+    """K/N, or auto: the launcher's RANK/WORLD_SIZE (torchrun) or SLURM_PROCID/SLURM_NTASKS."""
+    if spec is None:
+        return 0, 1
+    if spec == "auto":
+        env = os.environ
+        k, n = (
+            (env.get("RANK"), env.get("WORLD_SIZE"))
+            if "RANK" in env
+            else (env.get("SLURM_PROCID"), env.get("SLURM_NTASKS"))
+        )
+        spec = f"{k or 0}/{n or 1}"
+    k, _, n = spec.partition("/")
+    if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
+        raise UserError(f"--shard must be K/N with 0 <= K < N, or auto; got {spec!r}")
+    return int(k), int(n)
+
+
+def job_settings(args: argparse.Namespace) -> Settings:
+    """A job's Settings from the CLI's options (a prompt file's line gives some of them as text)."""
+    values = {}
+    for f in fields(Settings):
+        value = getattr(args, f.name)
+        if isinstance(value, str) and f.metadata["type"] is not str:
+            try:
+                value = f.metadata["type"](value)
+            except ValueError:
+                raise UserError(f"--{f.name.replace('_', '-')} {value!r} is not a number") from None
+        values[f.name] = value
+    return Settings(**values)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    start, preview_path = time.perf_counter(), None
+    start, preview_path, pipe, paths, failed = time.perf_counter(), None, None, [], 0
     with warnings.catch_warnings():
         warnings.showwarning = print_warning
         try:
-            # Cheap checks first, against SD 1.5's shapes, so a typo costs no model loading.
-            settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
-            settings.check(img2img=args.init_image is not None)
-            check_metadata_text(args.prompt, args.negative_prompt)
-            output = Output.parse(args.output, settings.num_images)
-            trajectory, preview_path = check_watch_options(args, output)
-            loras, prompt = lora_files(args)
-            init = open_image(args.init_image) if args.init_image else None  # before loading the model
-            mask = open_image(args.mask_image, "mask image") if args.mask_image else None
-            check_inpainting(init is not None, mask is not None, inpainting_unet=False)
-            settings = settings.with_defaults(init is not None, mask is not None)
-            device = check_device(args.device)
-            if settings.seed == -1:
-                settings = replace(settings, seed=secrets.randbelow(MAX_SEED + 1))
-                print(f"seed: {settings.seed}", file=sys.stderr)
-            if device.type == "cpu":
-                tune_malloc()  # -20% per step on the CPU (bench/README.md)
-            pipe = load_pipeline(args.model, device, args.dtype)
-            for path, weight in loras:
-                apply_lora(pipe, path, weight)
-            folder = Path(args.embeddings_dir).expanduser() if args.embeddings_dir else None
-            if folder is not None and not folder.is_dir():
-                raise UserError(f"--embeddings-dir {args.embeddings_dir} is not a folder")
-            for path in [*map(Path, args.embedding), *(sorted(folder.glob("*.safetensors")) if folder else [])]:
+            if (args.prompt is None) == (args.from_file is None):
+                raise UserError("give --prompt or --from-file (one of them)")
+            jobs = prompt_file_jobs(args) if args.from_file else [(0, args)]
+            batch = args.from_file is not None
+            for number, job in tqdm(jobs, desc="prompts", disable=not batch or args.quiet):
                 try:
-                    load_embedding(pipe, path)
-                except ValueError as e:  # a name already taken
-                    raise UserError(f"embedding {path}: {e}") from None
-            watcher = Watcher(pipe, args, preview_path) if args.trajectory or preview_path else None
-            images = generate(pipe, prompt, args.negative_prompt, init_image=init, mask_image=mask,
-                              prompt_syntax="plain" if args.plain_prompt else "a1111", progress=not args.quiet,
-                              callback=watcher, **asdict(settings))  # fmt: skip
-            if args.trajectory:
-                watcher.write_trajectory(trajectory)
-            paths = []
-            for i, image in enumerate(images):
-                text = parameters_text(settings, args.prompt, args.negative_prompt, image.size, args.model, bool(init))
-                paths.append(output.save(image, text, i, len(images), settings.seed))
+                    # Cheap checks first, against SD 1.5's shapes, so a typo costs no model loading.
+                    settings = job_settings(job)
+                    settings.check(img2img=args.init_image is not None)
+                    check_metadata_text(job.prompt, job.negative_prompt)
+                    output = Output.parse(
+                        f"{args.output.removesuffix('.png')}/" if batch else args.output, settings.num_images
+                    )
+                    if batch:  # numbered by line, so that --skip-existing can resume a killed job
+                        output = Output(output.path / f"{number:05d}.png", is_folder=False)
+                        if args.skip_existing and output.file(0, settings.num_images).exists():
+                            continue
+                    trajectory, preview_path = check_watch_options(args, output)
+                    loras, prompt = lora_files(job)
+                    init = open_image(args.init_image) if args.init_image else None  # before loading the model
+                    mask = open_image(args.mask_image, "mask image") if args.mask_image else None
+                    check_inpainting(init is not None, mask is not None, inpainting_unet=False)
+                    settings = settings.with_defaults(init is not None, mask is not None)
+                    if settings.seed == -1:
+                        settings = replace(settings, seed=secrets.randbelow(MAX_SEED + 1))
+                        print(f"seed: {settings.seed}", file=sys.stderr)
+                    if pipe is None:
+                        pipe = load_for_cli(args)
+                    for path, weight in loras:
+                        apply_lora(pipe, path, weight)
+                    watcher = Watcher(pipe, args, preview_path) if args.trajectory or preview_path else None
+                    images = generate(pipe, prompt, job.negative_prompt, init_image=init, mask_image=mask,
+                                      prompt_syntax="plain" if args.plain_prompt else "a1111",
+                                      progress=not (args.quiet or batch), callback=watcher,
+                                      **asdict(settings))  # fmt: skip
+                    remove_loras(pipe)
+                    if args.trajectory:
+                        watcher.write_trajectory(trajectory)
+                    for i, image in enumerate(images):
+                        text = parameters_text(settings, job.prompt, job.negative_prompt, image.size, args.model,
+                                               bool(init))  # fmt: skip
+                        paths.append(output.save(image, text, i, len(images), settings.seed))
+                except (UserError, NonFiniteError) as e:
+                    if not batch:
+                        raise
+                    print(f"min_pipeline.py: {args.from_file} line {number}: error: {e}", file=sys.stderr)
+                    failed += 1
         except (UserError, WeightsError) as e:
             print(f"min_pipeline.py: error: {e}", file=sys.stderr)
             return 2
@@ -1032,8 +1106,25 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if preview_path is not None and not args.keep_preview:
                 preview_path.unlink(missing_ok=True)
-    print(f"wrote {', '.join(map(str, paths))} in {time.perf_counter() - start:.1f} s")
-    return 0
+    print(f"wrote {', '.join(map(str, paths)) or 'nothing'} in {time.perf_counter() - start:.1f} s")
+    return 1 if failed else 0
+
+
+def load_for_cli(args: argparse.Namespace) -> Pipeline:
+    """The model once per run, with the embeddings of --embedding and --embeddings-dir."""
+    device = check_device(args.device)
+    if device.type == "cpu":
+        tune_malloc()  # -20% per step on the CPU (bench/README.md)
+    pipe = load_pipeline(args.model, device, args.dtype)
+    folder = Path(args.embeddings_dir).expanduser() if args.embeddings_dir else None
+    if folder is not None and not folder.is_dir():
+        raise UserError(f"--embeddings-dir {args.embeddings_dir} is not a folder")
+    for path in [*map(Path, args.embedding), *(sorted(folder.glob("*.safetensors")) if folder else [])]:
+        try:
+            load_embedding(pipe, path)
+        except ValueError as e:  # a name already taken
+            raise UserError(f"embedding {path}: {e}") from None
+    return pipe
 
 
 if __name__ == "__main__":

@@ -298,3 +298,30 @@ def test_help_documents_defaults():
         "(default:out.png)",
     ):
         assert option in text, option
+
+
+def test_prompt_file_runs_each_line_reports_bad_ones_shards_and_resumes(tiny_model_dir, tmp_path, capsys):
+    lines = ["a red fox --seed 3 --steps 2", "", "an owl --negative-prompt 'blurry, dark' --steps 1 --width 24",
+             "a cat --steps x", "(a dog:1.2) BREAK in snow --scheduler ddim --steps 2"]  # fmt: skip
+    (tmp_path / "prompts.txt").write_text("\n".join(lines))
+    out = tmp_path / "out"
+    base = ["--model", str(tiny_model_dir), "--device", "cpu", "--quiet", "--height", "16", "--width", "16"]
+    base += ["--from-file", str(tmp_path / "prompts.txt"), "--output", f"{out}/"]
+    assert main(base) == 1  # one line failed, the others ran
+    err = capsys.readouterr().err
+    assert "prompts.txt line 4: error: --steps 'x' is not a number" in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["00001.png", "00003.png", "00005.png"]
+    first, third, fifth = (
+        read_parameters(Image.open(out / n).text["parameters"]) for n in ("00001.png", "00003.png", "00005.png")
+    )
+    assert (first["prompt"], first["Seed"], first["Steps"]) == ("a red fox", "3", "2")
+    assert (third["negative_prompt"], third["Steps"], third["Size"]) == ("blurry, dark", "1", "24x16")
+    assert (fifth["prompt"], fifth["Sampler"]) == ("(a dog:1.2) BREAK in snow", "DDIM")  # as typed
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    (tmp_path / "prompts.txt").write_text("\n".join(lines[:3] + ["a cat --steps 1"] + lines[4:]))
+    assert main([*base, "--skip-existing"]) == 0  # resumes: only the missing line 4 runs
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name in before} == before
+    assert (out / "00004.png").exists()
+    shard = tmp_path / "shard"
+    assert main([*base[:-1], f"{shard}/", "--shard", "1/2"]) == 0  # lines 1, 3, 5 (4 is even)
+    assert sorted(p.name for p in shard.iterdir()) == ["00001.png", "00003.png", "00005.png"]
