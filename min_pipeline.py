@@ -258,6 +258,11 @@ def encode_a1111(pipe: Pipeline, texts: list[str], clip_skip: int | None) -> lis
     return [c.reshape(1, -1, z.shape[-1]) for c in z.split([len(ws) for ws in windows])]
 
 
+def encode_prompt(pipe: Pipeline, text: str, clip_skip: int | None = None) -> torch.Tensor:
+    """One prompt as A1111 reads it -> its context (1, 77 k, D), k CLIP windows (see encode_a1111)."""
+    return encode_a1111(pipe, [text], clip_skip)[0]
+
+
 def conditioning(pipe: Pipeline, prompts: list[str], negatives: list[str], s: Settings, use_cfg: bool,
                  syntax: str) -> list[tuple[int, torch.Tensor]]:  # fmt: skip
     """The UNet's context for every step, as [(last step it is used, context (2B or B, L, D))], computed before the
@@ -963,6 +968,8 @@ def lora_files(args: argparse.Namespace) -> tuple[list[tuple[Path, float]], str]
             out.append((Path(path).expanduser(), float(weight)))
         except ValueError:
             raise UserError(f"LoRA weight {weight!r} of {path} is not a number") from None
+        if not math.isfinite(out[-1][1]):
+            raise UserError(f"LoRA weight {weight!r} of {path} is not a finite number")
         if not out[-1][0].is_file():
             raise UserError(f"LoRA file {path} does not exist")
     return out, LORA_TAG.sub("", args.prompt)
@@ -980,12 +987,14 @@ def check_watch_options(args: argparse.Namespace, output: Output) -> tuple[Path 
     return trajectory, output.path / "preview.png" if output.is_folder else output.path.with_suffix(".preview.png")
 
 
-LINE_OPTIONS = ("--negative-prompt", "--seed", "--steps", "--guidance-scale", "--width", "--height", "--scheduler")
+LINE_OPTIONS = ("--prompt", "--negative-prompt", "--seed", "--steps", "--guidance-scale", "--width", "--height",
+                "--scheduler")  # fmt: skip
 
 
-def prompt_file_jobs(args: argparse.Namespace) -> list[tuple[int, argparse.Namespace]]:
-    """--from-file: one job per non-empty line, `prompt text --seed 3 --steps 20 ...` (the options of A1111's
-    "prompts from file" script, our spelling), numbered from 1; --shard K/N keeps the lines with number % N == K."""
+def prompt_file_jobs(args: argparse.Namespace) -> list[tuple[int, argparse.Namespace | str]]:
+    """--from-file: one job per non-empty line, `prompt text --seed 3 --steps 20 ...` or, as A1111's "prompts from
+    file" script writes them, options only (`--prompt "..." --steps 20`), in our spelling; numbered from 1. A line
+    that cannot be read becomes its error message. --shard K/N keeps the lines with number % N == K."""
     try:
         lines = Path(args.from_file).expanduser().read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
@@ -995,18 +1004,28 @@ def prompt_file_jobs(args: argparse.Namespace) -> list[tuple[int, argparse.Names
     for number, line in enumerate(lines, start=1):
         if not line.strip() or number % n != k:
             continue
-        prompt, sep, rest = line.partition(" --")
-        options = line_parser().parse_args(shlex.split(sep.strip() + rest) if sep else [])
-        jobs.append((number, argparse.Namespace(**{**vars(args), **vars(options), "prompt": prompt.strip()})))
+        prompt, sep, rest = f" {line}".partition(" --")
+        try:
+            options = vars(LineParser(prog="", add_help=False).parse_args(shlex.split(sep.strip() + rest)))
+        except ValueError as e:  # UserError from the parser, or shlex's unclosed quote
+            jobs.append((number, f"cannot read the line: {e}"))
+            continue
+        options = {k: v for k, v in options.items() if v is not None}
+        prompt = options.pop("prompt", prompt.strip())
+        jobs.append((number, argparse.Namespace(**{**vars(args), **options, "prompt": prompt})))
     return jobs
 
 
-@functools.cache
-def line_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="a line of --from-file", add_help=False)
-    for flag in LINE_OPTIONS:
-        p.add_argument(flag, type=str, default=argparse.SUPPRESS)
-    return p
+class LineParser(argparse.ArgumentParser):
+    """A prompt file's line options; mistakes raise (the line is reported by number) instead of exiting."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        for flag in LINE_OPTIONS:
+            self.add_argument(flag, type=str)
+
+    def error(self, message: str):
+        raise UserError(message)
 
 
 def shard(spec: str | None) -> tuple[int, int]:
@@ -1049,10 +1068,14 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if (args.prompt is None) == (args.from_file is None):
                 raise UserError("give --prompt or --from-file (one of them)")
+            if args.from_file is None and (args.shard or args.skip_existing):
+                raise UserError("--shard and --skip-existing work with --from-file")
             jobs = prompt_file_jobs(args) if args.from_file else [(0, args)]
             batch = args.from_file is not None
             for number, job in tqdm(jobs, desc="prompts", disable=not batch or args.quiet):
                 try:
+                    if isinstance(job, str):
+                        raise UserError(job)
                     # Cheap checks first, against SD 1.5's shapes, so a typo costs no model loading.
                     settings = job_settings(job)
                     settings.check(img2img=args.init_image is not None)
@@ -1076,13 +1099,15 @@ def main(argv: list[str] | None = None) -> int:
                     if pipe is None:
                         pipe = load_for_cli(args)
                     for path, weight in loras:
-                        apply_lora(pipe, path, weight)
+                        try:
+                            apply_lora(pipe, path, weight)
+                        except ValueError as e:
+                            raise UserError(f"LoRA {path}: {e}") from None
                     watcher = Watcher(pipe, args, preview_path) if args.trajectory or preview_path else None
                     images = generate(pipe, prompt, job.negative_prompt, init_image=init, mask_image=mask,
                                       prompt_syntax="plain" if args.plain_prompt else "a1111",
                                       progress=not (args.quiet or batch), callback=watcher,
                                       **asdict(settings))  # fmt: skip
-                    remove_loras(pipe)
                     if args.trajectory:
                         watcher.write_trajectory(trajectory)
                     for i, image in enumerate(images):
@@ -1094,6 +1119,9 @@ def main(argv: list[str] | None = None) -> int:
                         raise
                     print(f"min_pipeline.py: {args.from_file} line {number}: error: {e}", file=sys.stderr)
                     failed += 1
+                finally:
+                    if pipe is not None:
+                        remove_loras(pipe)  # a line's LoRAs never reach the next line
         except (UserError, WeightsError) as e:
             print(f"min_pipeline.py: error: {e}", file=sys.stderr)
             return 2

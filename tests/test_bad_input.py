@@ -239,7 +239,7 @@ def test_images_are_decoded_one_at_a_time(tiny, monkeypatch):
     """--num-images 64 would otherwise decode all images in one VAE call (~65 GB at 512x512)."""
     batches = []
     decode = tiny.vae.decode
-    monkeypatch.setattr(tiny.vae, "decode", lambda z: (batches.append(len(z)), decode(z))[1])
+    monkeypatch.setattr(tiny.vae, "decode", lambda z, **kw: (batches.append(len(z)), decode(z, **kw))[1])
     images = generate(tiny, ["a", "b"], steps=1, height=16, width=16, num_images=2, output_type="np", progress=False)
     assert images.shape == (4, 16, 16, 3) and batches == [1, 1, 1, 1]
 

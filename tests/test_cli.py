@@ -325,3 +325,26 @@ def test_prompt_file_runs_each_line_reports_bad_ones_shards_and_resumes(tiny_mod
     shard = tmp_path / "shard"
     assert main([*base[:-1], f"{shard}/", "--shard", "1/2"]) == 0  # lines 1, 3, 5 (4 is even)
     assert sorted(p.name for p in shard.iterdir()) == ["00001.png", "00003.png", "00005.png"]
+
+
+def test_prompt_file_bad_lines_and_lora_weights_are_reported_not_leaked(tiny_model_dir, tmp_path, capsys):
+    """Fuzzing findings: an unclosed quote, an unknown option, options-only lines (A1111's own format), a
+    non-finite LoRA weight, and a failed line's LoRA leaking into the next line."""
+    lines = ['a cat --negative-prompt "ugly', "a cat --model /etc", '--prompt "an owl" --seed 3 --steps 1',
+             "x <lora:nope:nan>", "a fox --steps 1"]  # fmt: skip
+    (tmp_path / "p.txt").write_text("\n".join(lines))
+    (tmp_path / "nope.safetensors").write_bytes(b"")
+    base = ["--model", str(tiny_model_dir), "--device", "cpu", "--quiet", "--height", "16", "--width", "16"]
+    out = tmp_path / "out"
+    assert (
+        main([*base, "--from-file", str(tmp_path / "p.txt"), "--lora-dir", str(tmp_path), "--output", f"{out}/"]) == 1
+    )
+    err = capsys.readouterr().err
+    assert "p.txt line 1: error: cannot read the line: No closing quotation" in err
+    assert "p.txt line 2: error: cannot read the line: unrecognized arguments: --model /etc" in err
+    assert "p.txt line 4: error: LoRA weight 'nan' of " in err and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["00003.png", "00005.png"]
+    params = read_parameters(Image.open(out / "00003.png").text["parameters"])
+    assert (params["prompt"], params["Seed"], params["Steps"]) == ("an owl", "3", "1")
+    assert main([*base, "--prompt", "x", "--shard", "0/2"]) == 2
+    assert "--shard and --skip-existing work with --from-file" in capsys.readouterr().err

@@ -410,20 +410,36 @@ def test_a_pickle_is_refused(tiny_model_dir, tmp_path):
 # ----------------------------------------------------------------------------- true size
 
 
+SD15_PICKS = [
+    "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k", "down_blocks.3.resnets.1.conv2",
+    "mid_block.attentions.0.proj_in", "up_blocks.1.upsamplers.0.conv", "up_blocks.0.resnets.0.conv_shortcut",
+    "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.0.proj", "encoder.layers.11.mlp.fc2",
+    "encoder.layers.0.self_attn.out_proj",
+]  # fmt: skip
+
+
 def test_sd15_size_kohya_equals_diffusers_fuse_lora(sd15_model_dir, tmp_path):
     """SD 1.5's real shapes (head dims 40-160, 1280-wide levels, 12 text layers): one layer of each kind per level."""
     pipe = ours(sd15_model_dir)
-    picks = [
-        "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k", "down_blocks.3.resnets.1.conv2",
-        "mid_block.attentions.0.proj_in", "up_blocks.1.upsamplers.0.conv", "up_blocks.0.resnets.0.conv_shortcut",
-        "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.0.proj", "encoder.layers.11.mlp.fc2",
-        "encoder.layers.0.self_attn.out_proj",
-    ]  # fmt: skip
+    picks = SD15_PICKS
     lora = random_lora(pipe, [(n, layer) for n, layer in layers(pipe) if layer in picks], seed=10, varied=False)
     assert len(lora) == len(picks)
     file = write(tmp_path / "x.safetensors", kohya(lora))
     apply_lora(pipe, file, 0.75)
     assert_weights_equal_reference(pipe, fused_reference(sd15_model_dir, [file], [0.75]))
+
+
+@pytest.mark.parametrize("fmt", ["peft", "old-diffusers"])  # kohya-ldm: see the closing note of stop 10
+def test_sd15_size_formats_merge_like_the_lora_forward(sd15_model_dir, tmp_path, fmt):
+    """The other formats at SD 1.5's real shapes, against the LoRA forward (the Diffusers comparison of each format
+    runs on the tiny model; at full size it would load the 4 GB reference once per format)."""
+    pipe = ours(sd15_model_dir)
+    kinds = nn.Linear if fmt == "old-diffusers" else (nn.Linear, nn.Conv2d)
+    lora = random_lora(pipe, [(n, layer) for n, layer in layers(pipe, kinds) if layer in SD15_PICKS], seed=11)
+    lora = no_alpha(lora) if fmt == "old-diffusers" else lora  # that format stores no alpha
+    touched = {f"{net}.{layer}.weight": getattr(pipe, net).get_submodule(layer).weight.clone() for net, layer in lora}
+    apply_lora(pipe, write_format(fmt, sd15_model_dir, pipe, lora, tmp_path / "x.safetensors"), 0.6)
+    assert_merged_like_forward(pipe, {**weights(pipe), **touched}, lora, 0.6)
 
 
 def test_cli_lora_option_and_prompt_tag(tiny_model_dir, tmp_path, capsys):
