@@ -242,12 +242,13 @@ def encode_prompts(pipe: Pipeline, prompts: list[str], clip_skip: int | None) ->
 def encode_a1111(pipe: Pipeline, texts: list[str], clip_skip: int | None) -> list[torch.Tensor]:
     """Prompts as A1111 reads them, any length -> one context (1, 77 k, D) each. parse_prompt_attention finds the
     (emphasis:1.2) weights and BREAKs, chunk_prompt cuts the tokens into k CLIP windows of BOS + 75 + EOS (a full
-    window hands the words after its last comma to the next one); all windows go through the text encoder in one
-    batch; then A1111's "Original" emphasis (sd_emphasis.EmphasisOriginal): each token's vector times its weight,
-    the window rescaled to its mean before. Plain text of <= 75 tokens is exactly Diffusers' conditioning."""
+    window hands the words after its last comma to the next one; an embedding's vectors stay in one window); all
+    windows go through the text encoder in one batch; then A1111's "Original" emphasis
+    (sd_emphasis.EmphasisOriginal): each token's vector times its weight, the window rescaled to its mean before.
+    Plain text of <= 75 tokens is exactly Diffusers' conditioning."""
     tok = pipe.tokenizer
     comma = tok.encode(",")[1]
-    windows = [chunk_prompt(parse_prompt_attention(t), tok.encode, tok.BOS, tok.EOS, comma) for t in texts]
+    windows = [chunk_prompt(parse_prompt_attention(t), tok.encode, tok.BOS, tok.EOS, comma, tok.spans()) for t in texts]
     ids = torch.tensor([w[0] for ws in windows for w in ws], device=pipe.device)
     weights = torch.tensor([w[1] for ws in windows for w in ws], device=pipe.device)
     z = pipe.text_encoder(ids, clip_skip=clip_skip)  # (windows, 77, D)

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import TINY_TEXT_ENCODER, assert_images_close, max_diff, run_both
-from min_pipeline import encode_prompts, generate, load_pipeline
+from min_pipeline import encode_prompt, encode_prompts, generate, load_pipeline
 from models.embeddings import load_embedding
 from models.loading import WeightsError
 
@@ -103,6 +103,35 @@ def test_negative_prompt_embedding_images_equal_diffusers(tiny_model_dir, tmp_pa
     plain = generate(ours(tiny_model_dir), "a red fox in snow", "<bad>, blurry", output_type="np", progress=False,
                      **settings)  # fmt: skip
     assert abs(got - plain).max() > 1e-3  # the embedding changes the image
+
+
+@pytest.mark.parametrize("before", [71, 73, 74])
+def test_an_embedding_at_a_window_edge_moves_whole_to_the_next_window(tiny_model_dir, tmp_path, before):
+    """A1111 (tokenize_line): a multi-vector embedding that does not fit in the rest of a 75-token window starts
+    the next one. The windows written out here from Diffusers' tokenizer after load_textual_inversion, encoded by
+    its text encoder, weighted as A1111's "Original" emphasis."""
+    pipe, ref = ours(tiny_model_dir), reference(tiny_model_dir)
+    file = write(tmp_path / "emb.safetensors", 4, "a1111")
+    load_embedding(pipe, file, token="<tok>")
+    ref.load_textual_inversion(str(file), token="<tok>")
+    prompt = "fox " * before + "(<tok>:1.2) owl"
+    fox, owl = (ref.tokenizer(w, add_special_tokens=False).input_ids for w in ("fox", "owl"))
+    emb = ref.tokenizer(ref.maybe_convert_prompt("<tok>", ref.tokenizer), add_special_tokens=False).input_ids
+    assert len(fox) == len(owl) == 1 and len(emb) == 4
+    bos, eos = ref.tokenizer.bos_token_id, ref.tokenizer.eos_token_id
+    fits = before + 4 <= 75
+    first = fox * before + (emb if fits else [])
+    second = ([] if fits else emb) + owl
+    windows, weights = [], []
+    for ids, weighted in ((first, range(before, before + 4) if fits else ()), (second, () if fits else range(4))):
+        windows.append([bos, *ids, *[eos] * (76 - len(ids))])
+        weights.append([1.2 if k - 1 in weighted else 1.0 for k in range(77)])
+    with torch.no_grad():
+        z = ref.text_encoder(torch.tensor(windows)).last_hidden_state
+    w = torch.tensor(weights)[..., None]
+    want = torch.cat(list(z * w * (z.mean(dim=(1, 2), keepdim=True) / (z * w).mean(dim=(1, 2), keepdim=True))))[None]
+    got = encode_prompt(pipe, prompt)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=lambda m: f"{m}\n{max_diff(got, want)}")
 
 
 def unchanged(pipe):

@@ -131,6 +131,11 @@ class CLIPTokenizer:
         self.added_words = regex.compile(rf"(?<![\p{{L}}\p{{N}}])({words})(?![\p{{L}}\p{{N}}])")
         return ids
 
+    def spans(self) -> dict[int, int]:
+        """Added id -> how many ids a typed word gives from it on (its further slots), where more than one."""
+        sizes = {i: sum(1 for _ in takewhile(self.added.__contains__, slot_names(k))) for k, i in self.added.items()}
+        return {i: n for i, n in sizes.items() if n > 1}
+
     @classmethod
     def from_folder(cls, path: str | Path) -> "CLIPTokenizer":
         """From a diffusers model folder (or its tokenizer/ folder) holding merges.txt (+ vocab.json);

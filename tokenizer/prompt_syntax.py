@@ -136,11 +136,14 @@ COMMA_BACKTRACK = 20  # A1111's comma_padding_backtrack default
 
 
 def chunk_prompt(
-    parsed: list[tuple[str, float]], encode: Callable[[str], list[int]], bos: int, eos: int, comma: int
-) -> list[tuple[list[int], list[float]]]:
+    parsed: list[tuple[str, float]], encode: Callable[[str], list[int]], bos: int, eos: int, comma: int,
+    spans: dict[int, int] | None = None,
+) -> list[tuple[list[int], list[float]]]:  # fmt: skip
     """(77 ids, 77 weights) per CLIP window for a parse_prompt_attention() result, as A1111's tokenize_line.
     `encode` is CLIPTokenizer.encode (text -> [BOS, ..., EOS]), called per piece. A window holds 75 tokens
-    between BOS and EOS, padded with EOS (SD 1.5's padding id); BOS, EOS and padding weigh 1.0."""
+    between BOS and EOS, padded with EOS (SD 1.5's padding id); BOS, EOS and padding weigh 1.0. `spans`: id -> the
+    number of ids from it on that stay together (a multi-vector embedding, CLIPTokenizer.spans()): one that does
+    not fit in the open window starts the next, whole."""
     windows = []
     ids, weights, last_comma = [], [], -1  # the open window; last_comma: index of its latest comma
 
@@ -151,7 +154,7 @@ def chunk_prompt(
         ids, weights, last_comma = ids[n:], weights[n:], -1
 
     def place(group: list[int], weight: float) -> None:
-        """Append ids that must share a window: one token (later, a textual-inversion embedding's n ids)."""
+        """Append ids that must share a window: one token, or a textual-inversion embedding's n ids."""
         nonlocal ids, weights, last_comma
         if len(ids) == CHUNK and group != [comma] and last_comma >= CHUNK - COMMA_BACKTRACK:
             close(last_comma + 1)  # a full window with a comma in its last 20 tokens: the words after it move on
@@ -165,8 +168,11 @@ def chunk_prompt(
         if (text, weight) == ("BREAK", -1.0):
             close()  # even an empty window: 'BREAK BREAK' gives an all-padding one
             continue
-        for token in encode(text)[1:-1]:
-            place([token], weight)
+        tokens, i = encode(text)[1:-1], 0
+        while i < len(tokens):
+            n = (spans or {}).get(tokens[i], 1)
+            place(tokens[i : i + n], weight)
+            i += n
     if ids or not windows:  # the last window, or the only one of an empty prompt; none after an exact fill
         close()
     return windows
