@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from test_single_file import rename_all, unet_to_ldm
 from torch import nn
 
-from conftest import assert_images_close, max_diff, run_both
+from conftest import assert_images_close, max_diff, run_both, with_scheduler
 from min_pipeline import load_pipeline
 from models import ldm
 from models.loading import WeightsError
@@ -508,3 +508,39 @@ def test_cli_lora_option_and_prompt_tag(tiny_model_dir, tmp_path, capsys):
     assert (
         err.startswith("min_pipeline.py: error: <lora:owl> in the prompt: no owl.safetensors in ") and "\n" not in err
     )
+
+
+def test_civitai_lora_tag_and_negative_embedding_change_the_image_as_diffusers(tiny_model_dir, tmp_path):
+    """The issue's "done when": a Kohya LoRA named by an A1111 prompt tag and a negative embedding from the
+    embeddings folder, through the CLI, against Diffusers' fused pipeline with the same file and
+    load_textual_inversion; the PNG equals Diffusers' 8-bit image (a level apart at most, where the float images
+    round differently) and differs from the image without them."""
+    from PIL import Image
+
+    from min_pipeline import main
+
+    pipe = ours(tiny_model_dir)
+    for folder in ("loras", "embeddings"):
+        (tmp_path / folder).mkdir()
+    lora = tmp_path / "loras" / "style.safetensors"
+    write(lora, kohya(random_lora(pipe, layers(pipe), seed=8, varied=False)))
+    negative = tmp_path / "embeddings" / "EasyNegative.safetensors"
+    write(negative, {"emb_params": torch.randn(3, pipe.text_encoder.config.hidden_size)})
+    ref = fused_reference(tiny_model_dir, [lora], [0.8])
+    ref.load_textual_inversion(str(negative), token="EasyNegative")
+    ref = with_scheduler(ref, "euler")
+    settings = dict(num_inference_steps=4, guidance_scale=7.5, height=40, width=24)
+    # Diffusers' maybe_convert_prompt never expands a mixed-case token (it looks for the lower-cased words among its
+    # added tokens, which keep their case) and would use one vector of three: its prompt names all three.
+    spelled_out = "EasyNegative EasyNegative_1 EasyNegative_2, blurry"
+    want = ref("a red fox in snow", negative_prompt=spelled_out, generator=torch.Generator().manual_seed(7),
+               **settings).images[0]  # fmt: skip
+    args = ["--model", str(tiny_model_dir), "--device", "cpu", "--quiet", "--steps", "4", "--height", "40"]
+    args += ["--width", "24", "--seed", "7", "--scheduler", "euler", "--lora-dir", str(tmp_path / "loras")]
+    args += ["--embeddings-dir", str(tmp_path / "embeddings"), "--negative-prompt", "EasyNegative, blurry"]
+    for prompt, out in (("a red fox in snow <lora:style:0.8>", "with.png"), ("a red fox in snow", "without.png")):
+        assert main([*args, "--prompt", prompt, "--output", str(tmp_path / out)]) == 0
+    got = np.asarray(Image.open(tmp_path / "with.png")).astype(int)
+    diff = np.abs(got - np.asarray(want).astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01, (diff.max(), (diff > 0).mean())
+    assert np.abs(got - np.asarray(Image.open(tmp_path / "without.png")).astype(int)).max() > 10
