@@ -133,6 +133,7 @@ def child(impl: str, variant: str, args: argparse.Namespace) -> None:
                 seed=0,
                 output_type="np",
                 progress=False,
+                vae_tiling=args.vae_tiling,
             )
 
         def bare(x, t, ctx):
@@ -143,6 +144,8 @@ def child(impl: str, variant: str, args: argparse.Namespace) -> None:
         pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None)
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
+        if args.vae_tiling:
+            pipe.vae.enable_tiling()
         unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
 
         def run(steps: int):
@@ -172,7 +175,8 @@ def child(impl: str, variant: str, args: argparse.Namespace) -> None:
     vae.decode = timers.wrap("decode", vae.decode)
 
     t0 = time.perf_counter()
-    run(1)  # warm-up, untimed in the figures below
+    if not args.quick:
+        run(1)  # warm-up, untimed in the figures below
     warmup_s = time.perf_counter() - t0
     rss_after_warmup = proc_status_mb("VmRSS")
 
@@ -193,7 +197,7 @@ def child(impl: str, variant: str, args: argparse.Namespace) -> None:
     ctx = torch.randn(2, 77, text_encoder.config.hidden_size, generator=gen).to(dtype)
     bare_times = []
     with torch.inference_mode():
-        for _ in range(3):
+        for _ in range(0 if args.quick else 3):
             b0 = time.perf_counter()
             bare(x, torch.tensor(500.0), ctx)
             bare_times.append(time.perf_counter() - b0)
@@ -219,7 +223,7 @@ def child(impl: str, variant: str, args: argparse.Namespace) -> None:
         decode_s=decode_call[1] - decode_call[0],
         post_s=t1 - decode_call[1],
         e2e_s=t1 - t0,
-        bare_unet_s=min(bare_times),
+        bare_unet_s=min(bare_times, default=float("nan")),
         bare_unet_all=bare_times,
         unet_calls=[b - a for a, b in unet_calls],
         text_calls_s=[b - a for a, b in timers.of("text")],
@@ -268,6 +272,8 @@ def run_child(impl: str, variant: str, malloc_env: bool, args: argparse.Namespac
         str(args.cfg),
         "--images-dir",
         str(args.images_dir),
+        *(["--quick"] if args.quick else []),
+        *(["--vae-tiling"] if args.vae_tiling else []),
     ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.child_timeout)
@@ -345,6 +351,8 @@ def main() -> None:
         default="base",
         help=f"comma-separated: base, or switches (ours only) {', '.join(SWITCHES)} joined by +",
     )
+    parser.add_argument("--quick", action="store_true", help="no warm-up and no bare-UNet calls (large sizes)")
+    parser.add_argument("--vae-tiling", action="store_true", help="tiled VAE decode in both (Diffusers: enable_tiling)")
     parser.add_argument("--child-timeout", type=float, default=600, help="seconds allowed to one run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--child", choices=["ours", "diffusers", "build"], help=argparse.SUPPRESS)
@@ -386,6 +394,10 @@ def main() -> None:
         f"CFG {args.cfg}, {args.dtype}, {args.threads} threads, {args.repeats} repeat(s); folder {args.model}",
         flush=True,
     )
+    weights = sum(
+        f.stat().st_size for part in ("unet", "text_encoder", "vae") for f in (args.model / part).glob("*.safetensors")
+    )
+    print(f"weights (the three safetensors files): {weights / 2**20:.0f} MB; peak RSS below is in the same MB (MiB)")
     raw: dict[tuple[str, str, bool], list[dict]] = {c: [] for c in configs}
     for _ in range(args.repeats):
         for config in configs:  # all configurations once per round, so drifting load hits each alike
