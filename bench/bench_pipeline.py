@@ -345,6 +345,7 @@ def main() -> None:
     parser.add_argument("--cfg", type=float, default=7.5)
     parser.add_argument("--repeats", type=int, default=1, help="runs per configuration (best time, worst memory)")
     parser.add_argument("--malloc-tuned", action="store_true", help="also run both with the glibc malloc env vars")
+    parser.add_argument("--malloc-env-only", action="store_true", help="run with the glibc malloc env vars only")
     parser.add_argument("--only", choices=["ours", "diffusers"], help="run one implementation")
     parser.add_argument(
         "--variants",
@@ -382,11 +383,11 @@ def main() -> None:
 
     configs: list[tuple[str, str, bool]] = []  # (impl, variant, malloc env)
     impls = [args.only] if args.only else ["ours", "diffusers"]
-    for env in (False, True) if args.malloc_tuned else (False,):
+    envs = (True,) if args.malloc_env_only else (False, True) if args.malloc_tuned else (False,)
+    for env in envs:
         for impl in impls:
-            for variant in variants:
-                if variant == "base" or impl == "ours":
-                    configs.append((impl, variant, env))
+            for variant in variants if impl == "ours" else ["base"]:  # the switches are ours
+                configs.append((impl, variant, env))
 
     print(
         f"{cpu_description()}, {os.cpu_count()} CPUs, load average now "
@@ -424,7 +425,7 @@ def main() -> None:
         f"\ntimes in s (best of {args.repeats}), memory = VmHWM in MB; user/sys CPU s and minor faults over the "
         "timed generate; e2e excludes load"
     )
-    for env in (False, True) if args.malloc_tuned else (False,):
+    for env in envs:
         rows = [(name(c), s) for c, s in summary.items() if c[2] == env and c[1] == "base"]
         if not rows or (args.only and len(variants) > 1):
             continue  # nothing to compare; the base row is in the switches table
