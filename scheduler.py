@@ -402,11 +402,20 @@ def add_noise(schedule: Schedule, x0: Tensor, noise: Tensor, i: int = 0) -> Tens
 # ----------------------------------------------------------------------------- one UNet call
 
 
-def scale_model_input(schedule: Schedule, i: int, x: Tensor) -> Tensor:
+def at(v: Tensor, i: Tensor, k: int = 0) -> Tensor:
+    """v[i + k] for a call index i held in a (1,) int64 tensor on v's device, read there (no host sync, so a CUDA
+    graph can replay it); clamped into range, since graph_step also computes the branch it then drops. 0-dim, like
+    the eager loop's v[i], so dtype promotion is the same (float16 ε times it stays float16)."""
+    return v.index_select(0, (i + k).clamp(0, len(v) - 1)).squeeze(0)
+
+
+def scale_model_input(schedule: Schedule, i: int | Tensor, x: Tensor) -> Tensor:
     """The UNet was trained on x_t = sqrt(ᾱ) x_0 + sqrt(1-ᾱ) ε. Euler-type samples are x_t / sqrt(ᾱ), so they
-    are scaled by c_in = 1 / sqrt(σ² + 1) = sqrt(ᾱ) (EDM Table 1); DPM++, DDIM and DDPM already move x_t."""
+    are scaled by c_in = 1 / sqrt(σ² + 1) = sqrt(ᾱ) (EDM Table 1); DPM++, DDIM and DDPM already move x_t.
+    i: the call index, or (graph_step's loop) a (1,) device tensor."""
     if SAMPLERS[schedule.sampler].variable == EDM_X:
-        return x / (schedule.sigmas[i] ** 2 + 1) ** 0.5
+        sigma = schedule.sigmas[i] if isinstance(i, int) else at(schedule.sigmas, i)
+        return x / (sigma**2 + 1) ** 0.5
     return x
 
 
@@ -433,7 +442,10 @@ def draw_noise(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device 
     """ε ~ N(0, I), the one place every random draw goes through: drawn as Diffusers' randn_tensor draws it, on
     the generator's device and then moved, so a CPU generator gives the same numbers on any device."""
     on = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, dtype=dtype, device=on).to(device)
+    x = torch.randn(shape, generator=generator, dtype=dtype, device=on)
+    if x.device.type == "cpu" and torch.device(device).type == "cuda":  # a plain .to() would wait for the GPU's queue
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
 
 
 def step(schedule: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None = None,
@@ -446,6 +458,49 @@ def step(schedule: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState
     compute = torch.promote_types(x.dtype, torch.float32)
     x_next, state = SAMPLERS[schedule.sampler].step(schedule, i, x.to(compute), eps.to(compute), state, noise, eta)
     return x_next.to(x.dtype), state
+
+
+# ----------------------------------------------------------------------------- the same step for a CUDA graph
+
+
+def draws_noise(schedule: Schedule, eta: float) -> list[bool]:
+    """The UNet calls at which step() draws a fresh ε: all of euler_a's and of DDIM's with η > 0, DDPM's at t > 0."""
+    name = schedule.sampler
+    return [name == "euler_a" or (name == "ddim" and eta > 0) or (name == "ddpm" and bool(t > 0))
+            for t in schedule.timesteps]  # fmt: skip
+
+
+def graph_step(s: Schedule, i: Tensor, x: Tensor, eps: Tensor, state: tuple[Tensor, ...], noise: Tensor | None,
+               eta: float = 0.0) -> tuple[Tensor, tuple[Tensor, ...]]:  # fmt: skip
+    """step() as a function of device tensors only, for a loop captured once as a CUDA graph and replayed: the
+    schedule's tensors on x's device, the call index i a (1,) int64 tensor (see at), ε drawn before the loop (zeros
+    at the calls where step() draws none, see draws_noise), the sampler state a fixed tuple of tensors (zeros before
+    the first call: Heun's x_i and d_i, DPM++'s previous x_θ), and step()'s branches on i (Heun's predictor or
+    corrector, DPM++'s first order at the ends) computed both ways and picked with torch.where. Returns the new x
+    and state; bit for bit step()'s on the same device (tests/test_compile.py)."""
+    dtype, compute = x.dtype, torch.promote_types(x.dtype, torch.float32)
+    x, eps = x.to(compute), eps.to(compute)
+    sigma, sigma_next = at(s.sigmas, i), at(s.sigmas, i, 1)
+    if s.sampler == "euler":
+        x_next = euler_step(x, eps, sigma, sigma_next)
+    elif s.sampler == "euler_a":
+        x_next = euler_ancestral_step(x, eps, sigma, sigma_next, noise)
+    elif s.sampler == "heun":  # even calls predict, odd calls correct the step from σ_i-1 to σ_i
+        x_pred, pred = heun_predictor(x, eps, sigma, sigma_next)
+        x_corr = heun_corrector(x, eps, at(s.sigmas, i, -1), sigma, SamplerState(x=state[0], d=state[1]))
+        even = i.squeeze(0) % 2 == 0
+        x_next = torch.where(even, x_pred, x_corr)
+        state = tuple(torch.where(even, new, old) for new, old in zip((pred.x, pred.d), state, strict=True))
+    elif s.sampler == "dpmpp_2m":
+        x_first, denoised = dpmpp_2m_step(x, eps, sigma, sigma_next)
+        x_second, _ = dpmpp_2m_step(x, eps, sigma, sigma_next, at(s.sigmas, i, -1), state[0])
+        first_order = ((i == 0) | (i == len(s.timesteps) - 1)).squeeze(0)
+        x_next, state = torch.where(first_order, x_first, x_second), (denoised,)
+    elif s.sampler == "ddim":
+        x_next = ddim_step(x, eps, at(s.alpha_bar, i), at(s.alpha_bar_prev, i), eta, noise if eta > 0 else None)
+    else:  # ddpm; a zero ε at t = 0 adds exactly nothing
+        x_next = ddpm_step(x, eps, at(s.alpha_bar, i), at(s.alpha_bar_prev, i), noise)
+    return x_next.to(dtype), state
 
 
 def main() -> None:

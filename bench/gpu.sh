@@ -2,7 +2,7 @@
 # GPU bench (bench/gpu_bench.py): parity and speed of ours against Diffusers 0.42 on a lent GPU machine.
 #
 #   bash bench/gpu.sh [gpu_bench.py options]   # on the GPU machine: installs .whl/*.whl, runs python3, report in $OUT
-#   bash bench/gpu.sh --cpu --tiny             # dry run on a CPU machine through `uv run` (no wheels), ~1 minute
+#   bash bench/gpu.sh --cpu --tiny             # dry run on a CPU machine through `uv run` (no wheels), ~2 minutes
 #
 # The GPU image has torch, transformers, huggingface_hub, safetensors, regex, requests, filelock, pillow, tqdm and
 # numpy, but not diffusers or ftfy, and it cannot download anything. Fill .whl/ (ignored by git) once here, with

@@ -1,7 +1,7 @@
 """GPU bench, prepared for a lent GPU machine: parity and speed of ours against Diffusers 0.42 on CUDA.
 
     bash bench/gpu.sh                    # on the GPU machine: installs .whl/, then runs this with python3
-    bash bench/gpu.sh --cpu --tiny       # dry run on a CPU (tiny model, 64x64, a few steps, about a minute)
+    bash bench/gpu.sh --cpu --tiny       # dry run on a CPU (tiny model, 64x64, a few steps, about 2 minutes)
 
 Builds the true-size random-weight SD 1.5 folder with Diffusers (tests/conftest.py; `--tiny`: the tiny test
 configs), then measures, in this order, so that a run cut short by the time budget keeps what matters most:
@@ -10,8 +10,11 @@ configs), then measures, in this order, so that a run cut short by the time budg
            float16 VAE-overflow fallback (min_pipeline.decode) triggered;
   speed    it/s of the denoising loop (generate's `callback` / Diffusers' `callback_on_step_end` timestamp every
            UNet call, after a device sync) and seconds per image of the whole call, median of the timed runs
-           after a short warm-up; Diffusers and ours, eager and with `unet = torch.compile(unet)` (compile time
-           apart: the warm-up's first UNet call minus a steady one), batch 1 and 4; peak device memory of the row
+           after a short warm-up; Diffusers eager and with `unet = torch.compile(unet)` (compile time apart: the
+           warm-up's first UNet call minus a steady one), ours eager and with the driver's fast path
+           (min_pipeline.speed_up: compiled UNet, the loop replayed as one CUDA graph; compile + capture time:
+           the warm-up call minus a timed one; the compile section first diffs its images against ours eager,
+           euler_a, and runs its loop step under set_sync_debug_mode("error")), batch 1 and 4; peak memory of the row
            (torch.cuda.max_memory_allocated, reset per row, minus the other pipeline's resident weights);
   profile  torch.profiler's top kernels for one UNet call of ours on the CFG batch (the bulk of one step);
   ours     img2img at strength 0.6 and 768x768, eager and compiled.
@@ -40,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import conftest  # noqa: E402 (the model folder builder and the Diffusers reference helpers of the tests)
-from min_pipeline import encode_prompts, generate, load_pipeline  # noqa: E402
+from min_pipeline import encode_prompts, generate, load_pipeline, speed_up  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
 NEGATIVE = "blurry, low quality"
@@ -87,6 +90,7 @@ class Bench:
         self.eager_unet: dict[str, torch.nn.Module] = {}
         self.compiled: dict[str, torch.nn.Module] = {}
         self.compiled_shapes: set[tuple] = set()
+        self.loop_free: dict[tuple, float] = {}  # (batch, size, img2img): s of an ours eager call outside the loop
         self.header: list[str] = []
         self.parity: list[dict] = []
         self.speed: list[dict] = []
@@ -113,7 +117,10 @@ class Bench:
         row's peak can be reported without the other pipeline's weights."""
         if impl not in self.pipes:
             before = torch.cuda.memory_allocated() if self.cuda else 0
-            if impl == "ours":
+            if impl == "ours fast":  # the CLI's --compile; uncaptured on a CPU (CUDA graphs need CUDA)
+                pipe = speed_up(load_pipeline(str(self.folder), self.device, self.dtype), backend=self.backend,
+                                cuda_graph=True)  # fmt: skip
+            elif impl == "ours":
                 pipe = load_pipeline(str(self.folder), self.device, self.dtype)
             else:
                 from diffusers import StableDiffusionPipeline
@@ -139,7 +146,7 @@ class Bench:
             init_image: Image.Image | None = None) -> np.ndarray:  # fmt: skip
         """One whole text-to-image (or image-to-image) call, images as float32 (N, H, W, 3) in [0, 1]."""
         pipe = self.pipes[impl]
-        if impl == "ours":
+        if impl.startswith("ours"):
             return generate(pipe, PROMPT, NEGATIVE, scheduler=scheduler, steps=steps, guidance_scale=CFG, height=size,
                             width=size, seed=0, num_images=batch, init_image=init_image,
                             strength=0.6 if init_image is not None else None, output_type="np", progress=False,
@@ -236,17 +243,59 @@ def parity(b: Bench) -> None:
     b.write()
 
 
+def fast_parity(b: Bench) -> None:
+    """Ours fast path (min_pipeline.speed_up: compiled UNet, loop replayed as a CUDA graph) against ours eager on the
+    device, with euler_a, whose noise per step the graph loop must draw as the eager loop does. The first call of the
+    fast pipeline compiles (the time is in the note), for the speed rows after it."""
+    setting = f"{b.size}x{b.size}, euler_a, {b.parity_steps} steps, CFG {CFG}, seed 0, {b.dtype}, {b.device}"
+    row = {"what": "ours fast path vs ours eager", "setting": setting, "diff": "", "note": ""}
+    if reason := b.fits(b.compile_guess + 3 * b.parity_steps / b.speed_steps * b.image_s):
+        row["note"] = reason
+    else:
+        try:
+            images = []
+            for impl in ("ours", "ours fast"):
+                b.load(impl)
+                t0 = time.perf_counter()
+                images.append(b.run(impl, b.size, 1, b.parity_steps, scheduler="euler_a"))
+            row["note"] = f"fast path's first call (compile, capture) {time.perf_counter() - t0:.1f} s"
+            row["diff"] = max_abs(*images)
+            if b.cuda:  # the captured loop's step run uncaptured and replayed: any host sync in it raises
+                ((_, step, graph),) = b.pipes["ours fast"].graphs.values()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    with torch.inference_mode():  # the buffers were made by generate(), in inference mode
+                        step()
+                        graph.replay()
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+                row["note"] += "; loop step: no host sync (set_sync_debug_mode error)"
+        except Exception as e:
+            row["note"] = f"error: {type(e).__name__}: {e}".replace("|", "/")[:200]
+            traceback.print_exc()
+    b.parity.append(row)
+    b.write()
+
+
 def speed_row(b: Bench, impl: str, compiled: bool, batch: int, size: int, img2img: bool = False) -> None:
-    """One speed row: a short warm-up call (it compiles, when compiled), then `repeats` timed calls."""
+    """One speed row: a short warm-up call (it compiles, when compiled), then `repeats` timed calls. Ours compiled is
+    the driver's fast path (speed_up), which takes no callback (a callback runs the eager loop) and captures its
+    loop per step count: it warms up at the timed step count, and its loop it/s is derived, the call's time less
+    the time outside the loop of the ours eager row of the same shape."""
     kind = "img2img 0.6" if img2img else "txt2img"
+    fast = impl == "ours" and compiled
+    key = "ours fast" if fast else impl  # the pipeline the row runs
     what = f"{'Diffusers' if impl == 'diffusers' else 'ours'} {'compile' if compiled else 'eager'}"
+    what = "ours fast path" if fast else what
     setting = f"{kind}, {size}x{size}, batch {batch}, euler {b.speed_steps} steps, CFG {CFG}, {b.dtype}, {b.device}"
     if compiled:
         setting += f", torch.compile({b.backend}, dynamic=False)"
+    if fast:
+        setting += ", CUDA graph" if b.cuda else ", graph-ready loop uncaptured (CPU)"
     row = {"what": what, "setting": setting}
     b.speed.append(row)
     shape = (impl, batch, size)
-    estimate = (b.warm_steps / b.speed_steps + b.repeats) * batch * b.image_s * (size / b.size) ** 2.6
+    estimate = ((1 if fast else b.warm_steps / b.speed_steps) + b.repeats) * batch * b.image_s * (size / b.size) ** 2.6
     estimate *= 0.6 if img2img else 1
     if compiled and shape not in b.compiled_shapes:
         estimate += b.compile_guess
@@ -259,8 +308,9 @@ def speed_row(b: Bench, impl: str, compiled: bool, batch: int, size: int, img2im
         u, v = np.meshgrid(np.linspace(0, 255, size), np.linspace(0, 255, size))
         init = Image.fromarray(np.stack([u, v, 255 - u], axis=-1).astype(np.uint8))
     try:
-        pipe = b.load(impl)
-        b.set_unet(impl, compiled)
+        pipe = b.load(key)
+        if not fast:
+            b.set_unet(impl, compiled)
         runs = []
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -276,35 +326,47 @@ def speed_row(b: Bench, impl: str, compiled: bool, batch: int, size: int, img2im
                 b.sync()
                 t0 = time.perf_counter()
                 warm_steps = max(b.warm_steps, 2) if img2img else b.warm_steps  # strength 0.6 of 1 step is 0 steps
-                b.run(impl, size, batch, warm_steps if i == 0 else b.speed_steps, stamp, init_image=init)
+                warm_steps = b.speed_steps if fast else warm_steps
+                b.run(key, size, batch, warm_steps if i == 0 else b.speed_steps, None if fast else stamp,
+                      init_image=init)  # fmt: skip
                 b.sync()
                 total = time.perf_counter() - t0
                 loop = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
-                runs.append((total, stamps[0] - t0, loop))
+                runs.append((total, stamps[0] - t0 if stamps else float("nan"), loop))
         timed = runs[1:]
         s_image = statistics.median(t for t, _, _ in timed) / batch
         its = statistics.median(r[2] for r in timed)
-        row["its"] = f"{its:.2f}" if its == its else "n/a (1 call)"
+        calls = int(b.speed_steps * 0.6) if img2img else b.speed_steps
+        if impl == "ours" and not compiled:  # the call's time outside the loop, for the fast path's row
+            b.loop_free[(batch, size, img2img)] = statistics.median(t - calls / its for t, _, its in timed)
+        if fast:
+            outside = b.loop_free.get((batch, size, img2img))
+            its = calls / (statistics.median(t for t, _, _ in timed) - outside) if outside is not None else float("nan")
+        row["its"] = f"{its:.2f}" if its == its else "n/a (needs the eager row)" if fast else "n/a (1 call)"
         row["s_image"] = f"{s_image:.3f}"
         if compiled:
             compile_s = runs[0][1] - statistics.median(r[1] for r in timed)
-            row["compile"] = f"{compile_s:.1f}" if shape not in b.compiled_shapes else "(compiled before)"
+            if fast:  # compile and capture: the warm-up call (same step count) less a timed one
+                compile_s = runs[0][0] - statistics.median(r[0] for r in timed)
+            row["compile"] = f"{compile_s:.1f}" if fast or shape not in b.compiled_shapes else "(compiled before)"
             if shape not in b.compiled_shapes:
                 b.compile_guess = max(compile_s * 1.3, 5.0)
             b.compiled_shapes.add(shape)
         if b.cuda:
-            other = sum(v for k, v in b.resident.items() if k != impl)
+            other = sum(v for k, v in b.resident.items() if k != key)
             row["peak"] = f"{(torch.cuda.max_memory_allocated() - other) / 2**30:.2f}"
         else:
             row["peak"] = "n/a (CPU)"
         row["note"] = vae_note(pipe, caught) if impl == "ours" else ""
+        if fast:
+            row["note"] += "; loop it/s derived (no callback), compile s includes the CUDA graph capture"
         if batch == 1 and size == b.size and not compiled and not img2img:
             b.image_s = s_image  # the scale for the estimates of the rows after this one
     except Exception as e:
         row["note"] = f"error: {type(e).__name__}: {e}".replace("|", "/")[:200]
         traceback.print_exc()
     finally:
-        if impl in b.pipes:
+        if impl in b.pipes and not fast:
             b.set_unet(impl, False)
     print(row, flush=True)
     b.write()
@@ -380,6 +442,7 @@ def main() -> None:
     if "profile" in args.sections:
         profile(b)
     if "compile" in args.sections:  # batch 1 of both before batch 4 of either: the budget may stop there
+        fast_parity(b)
         for batch in b.batches:
             for impl in impls:
                 speed_row(b, impl, True, batch, b.size)
