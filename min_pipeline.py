@@ -44,7 +44,7 @@ from tqdm import tqdm
 import scheduler as sampling
 from models.clip import CLIPTextConfig, CLIPTextModel
 from models.embeddings import load_embedding  # noqa: F401 (public API: textual-inversion embeddings)
-from models.loading import DEFAULT_MODEL, WeightsError, load_model
+from models.loading import DEFAULT_MODEL, WeightsError, load_model, release_pages
 from models.lora import apply_lora, remove_loras  # noqa: F401 (public API: LoRA files merged into the weights)
 from models.unet import UNet
 from models.vae import AutoencoderKL, sample_latent
@@ -641,6 +641,8 @@ def generate(
     contexts = conditioning(pipe, prompts, negatives, s, use_cfg, prompt_syntax)
     for _, context in contexts:
         check_finite(context, "text encoder")
+    if dev.type == "cpu":
+        release_pages(pipe.text_encoder)  # its memory-mapped weights out of RSS until the next run needs them
 
     # 2. The starting latent: pure noise, or the init image's latent noised to `strength` (the schedule's start).
     # The random draws come in Diffusers' order: image latent, noise, masked-image latent.
@@ -690,8 +692,9 @@ def generate(
         return x
 
     # 4. Latent -> pixels, one image at a time: the VAE's activations at full size are the largest of the run.
-    if dev.type == "cpu":
-        trim_heap()  # the UNet's freed activations back to the OS before the decode's peak
+    if dev.type == "cpu":  # the UNet's freed activations back to the OS and its weights out of RSS before the decode
+        trim_heap()
+        release_pages(pipe.unet)
     images = torch.cat([decode(pipe, x[i : i + 1], tiled) for i in range(n)])
     if inpaint and s.mask_keep_pixels:  # the original pixels outside the mask, blended through its soft edge
         alpha = soft_mask.permute(0, 2, 3, 1)

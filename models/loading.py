@@ -11,9 +11,11 @@ Pickled checkpoints (`.bin`, `.ckpt`, `.pt`) are never read: unpickling can run 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import NamedTuple, TypeVar
@@ -117,6 +119,37 @@ def build(
         state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def release_pages(module: nn.Module) -> None:
+    """Take `module`'s memory-mapped weights out of this process's resident memory until they are next read.
+
+    The safetensors tensors are views of a private mapping of the file: reading them faults its pages in, and they
+    count in the process's RSS from then on. madvise(MADV_DONTNEED) unmaps them; the kernel keeps them in its page
+    cache, so the next read maps them back from memory, not from the disk. generate() calls this on the CPU for a
+    network it is done with (the text encoder before the loop, the UNet before the VAE decode): the peak RSS of a
+    run is then the UNet's weights and activations, not all the weights plus the decode (bench/README.md). A mapping
+    in which any page was written to is left whole: those pages are private copies, which MADV_DONTNEED would throw
+    away. Tensors in ordinary memory (converted, on a GPU, LoRA-merged) are not touched; a no-op off Linux."""
+    if not sys.platform.startswith("linux"):
+        return
+    storages = {t.untyped_storage() for t in [*module.parameters(), *module.buffers()] if t.device.type == "cpu"}
+    spans = {(s.data_ptr(), s.data_ptr() + s.nbytes()) for s in storages}
+    clean, current = [], None  # [start, end) of each private file mapping none of whose pages was ever written to
+    with open("/proc/self/smaps") as f:  # per mapping: "start-end perms offset dev inode path", then "Key: n kB" lines
+        for line in f:
+            if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+                m = re.match(r"([0-9a-f]+)-([0-9a-f]+) ...p \S+ \S+ \S+ +/", line)
+                current = [int(m[1], 16), int(m[2], 16)] if m else None
+                clean += [current] if current else []
+            elif current and line.startswith(("Anonymous:", "Swap:")) and line.split()[1] != "0":
+                current[:] = [0, 0]  # written pages are private copies (anonymous, or swapped out)
+    page, libc = os.sysconf("SC_PAGE_SIZE"), ctypes.CDLL(None)
+    for begin, end in spans:
+        for lo, hi in clean:
+            if lo <= begin < hi:  # whole pages, but not beyond the mapping: the neighbours are other tensors' weights
+                start, stop = max(lo, begin // page * page), min(hi, -(-end // page) * page)
+                libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), 4)  # MADV_DONTNEED: 4 on Linux
 
 
 # ----------------------------------------------------------------------------- model folders

@@ -257,3 +257,55 @@ def test_hub_uses_prefilled_cache(tiny_model_dir, tmp_path, env):
     folder = Path(result.stdout.strip())
     assert folder == snapshot
     assert load_component(folder, "text_encoder").config.hidden_size == 32
+
+
+# ----------------------------------------------------------------------------- release_pages (memory-mapped weights)
+
+
+def rss_file_mib() -> float:
+    """This process's resident pages of mapped files (/proc/self/status RssFile), in MiB."""
+    line = next(line for line in open("/proc/self/status") if line.startswith("RssFile:"))
+    return int(line.split()[1]) / 1024
+
+
+def mapped_module(path: Path, values: torch.Tensor) -> torch.nn.Module:
+    """A module whose one parameter is the memory-mapped tensor of a safetensors file, as the loader leaves it."""
+    save_file({"w": values, "small": torch.arange(3.0)}, path)
+    module, state = torch.nn.Module(), load_safetensors(path)
+    module.w = torch.nn.Parameter(state["w"], requires_grad=False)
+    module.register_buffer("small", state["small"])  # shares the mapping's first page with w
+    return module
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc are Linux's")
+def test_release_pages_drops_mapped_weights_and_they_come_back_unchanged(tmp_path):
+    values = torch.randn(16 << 20)  # 64 MiB
+    module = mapped_module(tmp_path / "w.safetensors", values)
+    assert torch.equal(module.w, values)  # reads every page: all resident
+    before = rss_file_mib()
+    loading.release_pages(module)
+    released = before - rss_file_mib()
+    assert released > 60, f"RssFile fell by {released:.1f} MiB, expected the 64 MiB tensor's pages"
+    assert torch.equal(module.w, values), "the released pages came back different"
+    assert torch.equal(module.small, torch.arange(3.0))
+    assert rss_file_mib() - (before - released) > 60  # read again: resident again
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc are Linux's")
+def test_release_pages_keeps_a_mapping_that_was_written_to(tmp_path):
+    """A write to a mapped weight makes a private copy of its page; MADV_DONTNEED would throw it away and the old
+    value would come back from the file. Such a mapping is left whole."""
+    values = torch.randn(16 << 20)
+    module = mapped_module(tmp_path / "w.safetensors", values)
+    module.w.mul_(2.0)  # every page written (an in-place edit a user might make)
+    module.w[-1] = 7.0
+    loading.release_pages(module)
+    assert module.w[-1].item() == 7.0
+    torch.testing.assert_close(module.w[:-1], values[:-1] * 2, rtol=0, atol=0)
+
+
+def test_release_pages_leaves_ordinary_memory_alone():
+    module = torch.nn.Linear(4096, 4096)  # 64 MiB in ordinary (anonymous) memory
+    copy = module.weight.detach().clone()
+    loading.release_pages(module)
+    torch.testing.assert_close(module.weight.detach(), copy, rtol=0, atol=0)
