@@ -133,8 +133,8 @@ def release_pages(module: nn.Module) -> None:
     away. Tensors in ordinary memory (converted, on a GPU, LoRA-merged) are not touched; a no-op off Linux."""
     if not sys.platform.startswith("linux"):
         return
-    storages = {t.untyped_storage() for t in [*module.parameters(), *module.buffers()] if t.device.type == "cpu"}
-    spans = {(s.data_ptr(), s.data_ptr() + s.nbytes()) for s in storages}
+    storages = [t.untyped_storage() for t in [*module.parameters(), *module.buffers()] if t.device.type == "cpu"]
+    spans = {(s.data_ptr(), s.data_ptr() + s.nbytes()) for s in storages}  # [begin, end) of each tensor's bytes
     clean, current = [], None  # [start, end) of each private file mapping none of whose pages was ever written to
     with open("/proc/self/smaps") as f:  # per mapping: "start-end perms offset dev inode path", then "Key: n kB" lines
         for line in f:
