@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
@@ -128,28 +129,22 @@ def release_pages(module: nn.Module) -> None:
     count in the process's RSS from then on. madvise(MADV_DONTNEED) unmaps them; the kernel keeps them in its page
     cache, so the next read maps them back from memory, not from the disk. generate() calls this on the CPU for a
     network it is done with (the text encoder before the loop, the UNet before the VAE decode): the peak RSS of a
-    run is then the UNet's weights and activations, not all the weights plus the decode (bench/README.md). A mapping
-    in which any page was written to is left whole: those pages are private copies, which MADV_DONTNEED would throw
-    away. Tensors in ordinary memory (converted, on a GPU, LoRA-merged) are not touched; a no-op off Linux."""
-    if not sys.platform.startswith("linux"):
-        return
-    storages = [t.untyped_storage() for t in [*module.parameters(), *module.buffers()] if t.device.type == "cpu"]
-    spans = {(s.data_ptr(), s.data_ptr() + s.nbytes()) for s in storages}  # [begin, end) of each tensor's bytes
-    clean, current = [], None  # [start, end) of each private file mapping none of whose pages was ever written to
-    with open("/proc/self/smaps") as f:  # per mapping: "start-end perms offset dev inode path", then "Key: n kB" lines
-        for line in f:
-            if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
-                m = re.match(r"([0-9a-f]+)-([0-9a-f]+) ...p \S+ \S+ \S+ +/", line)
-                current = [int(m[1], 16), int(m[2], 16)] if m else None
-                clean += [current] if current else []
-            elif current and line.startswith(("Anonymous:", "Swap:")) and line.split()[1] != "0":
-                current[:] = [0, 0]  # written pages are private copies (anonymous, or swapped out)
+    run is then the UNet's weights and activations, not all the weights plus the decode (bench/README.md).
+    A tensor is released only if none of its pages is anonymous (ordinary memory, or a mapped page written to in
+    place: MADV_DONTNEED would throw that private copy away) or swapped out, as /proc/self/pagemap tells (a 64-bit
+    entry per page, bits 63/62/61: present/swapped/file page; Linux's Documentation/admin-guide/mm/pagemap.rst).
+    Converted, LoRA-merged or GPU tensors are therefore never touched; a no-op where pagemap cannot be read."""
+    if not sys.platform.startswith("linux") or not os.access("/proc/self/pagemap", os.R_OK):
+        return  # not Linux, or no /proc (some sandboxes)
     page, libc = os.sysconf("SC_PAGE_SIZE"), ctypes.CDLL(None)
-    for begin, end in spans:
-        for lo, hi in clean:
-            if lo <= begin < hi:  # whole pages, but not beyond the mapping: the neighbours are other tensors' weights
-                start, stop = max(lo, begin // page * page), min(hi, -(-end // page) * page)
-                libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(stop - start), 4)  # MADV_DONTNEED: 4 on Linux
+    storages = [t.untyped_storage() for t in [*module.parameters(), *module.buffers()] if t.device.type == "cpu"]
+    with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+        for begin, end in {(s.data_ptr(), s.data_ptr() + s.nbytes()) for s in storages if s.nbytes()}:
+            first, last = begin // page, -(-end // page)  # the whole pages the tensor touches
+            entries = os.pread(pagemap.fileno(), 8 * (last - first), 8 * first)
+            flags = np.frombuffer(entries, dtype=np.uint64) >> np.uint64(61)
+            if ((flags == 0b101) | (flags <= 0b001)).all():  # each page a present file page, or not in memory
+                libc.madvise(ctypes.c_void_p(first * page), ctypes.c_size_t((last - first) * page), 4)  # DONTNEED
 
 
 # ----------------------------------------------------------------------------- model folders
