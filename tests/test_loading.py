@@ -292,9 +292,9 @@ def test_release_pages_drops_mapped_weights_and_they_come_back_unchanged(tmp_pat
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="madvise and /proc are Linux's")
-def test_release_pages_keeps_a_mapping_that_was_written_to(tmp_path):
+def test_release_pages_keeps_a_mapped_tensor_that_was_written_to(tmp_path):
     """A write to a mapped weight makes a private copy of its page; MADV_DONTNEED would throw it away and the old
-    value would come back from the file. Such a mapping is left whole."""
+    value would come back from the file. Such a tensor is left alone."""
     values = torch.randn(16 << 20)
     module = mapped_module(tmp_path / "w.safetensors", values)
     module.w.mul_(2.0)  # every page written (an in-place edit a user might make)
