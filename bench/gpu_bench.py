@@ -261,14 +261,7 @@ def fast_parity(b: Bench) -> None:
             row["note"] = f"fast path's first call (compile, capture) {time.perf_counter() - t0:.1f} s"
             row["diff"] = max_abs(*images)
             if b.cuda:  # the captured loop's step run uncaptured and replayed: any host sync in it raises
-                ((_, step, graph),) = b.pipes["ours fast"].graphs.values()
-                torch.cuda.set_sync_debug_mode("error")
-                try:
-                    with torch.inference_mode():  # the buffers were made by generate(), in inference mode
-                        step()
-                        graph.replay()
-                finally:
-                    torch.cuda.set_sync_debug_mode(0)
+                conftest.check_loop_never_syncs(b.pipes["ours fast"])
                 row["note"] += "; loop step: no host sync (set_sync_debug_mode error)"
         except Exception as e:
             row["note"] = f"error: {type(e).__name__}: {e}".replace("|", "/")[:200]

@@ -156,6 +156,20 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> str:
     return f"max abs diff {(a.double() - b.double()).abs().max().item():.3g}"
 
 
+def check_loop_never_syncs(pipe) -> None:
+    """Runs the CUDA-graph loop that generate() captured on `pipe` (speed_up) once uncaptured, then replays its graph,
+    under torch.cuda.set_sync_debug_mode("error"): any host sync in the loop's step raises. Used by the CUDA test and
+    bench/gpu_bench.py."""
+    ((_, step, graph),) = pipe.graphs.values()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.inference_mode():  # the buffers were made by generate(), in inference mode
+            step()
+            graph.replay()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 # ----------------------------------------------------------------------------- Diffusers pipelines as the reference
 
 DIFFUSERS_SCHEDULERS = {

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import assert_images_close, max_diff
+from conftest import assert_images_close, check_loop_never_syncs, max_diff
 from min_pipeline import generate, load_pipeline, main, speed_up
 
 # The eager loop and the graph-ready loop on the same pipeline: pipe.graph_loop picks the loop (speed_up sets it).
@@ -105,11 +105,4 @@ def test_cuda_graph_loop_matches_eager_and_never_syncs(tiny_model_dir, sampler):
     speed_up(gpu, compile=False)  # on CUDA: the captured loop
     got = generate(gpu, **settings)
     torch.testing.assert_close(got, eager, atol=1e-4, rtol=0, msg=lambda m: f"{m}\n{max_diff(got, eager)}")
-    (_, step, graph), = gpu.graphs.values()  # fmt: skip
-    torch.cuda.set_sync_debug_mode("error")  # any host sync in the loop's step raises
-    try:
-        with torch.inference_mode():  # the buffers were made by generate(), in inference mode
-            step()
-            graph.replay()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
+    check_loop_never_syncs(gpu)
