@@ -28,7 +28,6 @@ import argparse
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, fields
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -137,14 +136,19 @@ def sd15_leading_timesteps(n: int, T: int = 1000, steps_offset: int = 1) -> Tens
     return torch.arange(n - 1, -1, -1, dtype=torch.float64) * (T // n) + steps_offset
 
 
-def ddim_alpha_bar_prev(timesteps: Tensor, n: int, alphas_cumprod: Tensor, set_alpha_to_one: bool) -> Tensor:
+def ddim_alpha_bar_prev(timesteps: Tensor, alphas_cumprod: Tensor, config: SchedulerConfig) -> Tensor:
     """The ᾱ each DDIM step lands on, the second half of the SD 1.5 rule. Diffusers steps back by T // n from t
-    whatever the spacing (so under linspace/trailing a step does not land on the next call's t). Below t = 0
-    it lands on 1 if set_alpha_to_one, but SD 1.5 sets it False, as LDM's sampler did: the last step lands on
-    ᾱ_0, and the final latent keeps noise σ = sqrt((1 - ᾱ_0) / ᾱ_0) ≈ 0.029."""
-    prev = timesteps - len(alphas_cumprod) // n
-    final = alphas_cumprod.new_tensor(1.0) if set_alpha_to_one else alphas_cumprod[0]
+    (n steps) whatever the spacing (so under linspace/trailing a step does not land on the next call's t). Below
+    t = 0 it lands on 1 if set_alpha_to_one, but SD 1.5 sets it False, as LDM's sampler did: the last step lands
+    on ᾱ_0, and the final latent keeps noise σ = sqrt((1 - ᾱ_0) / ᾱ_0) ≈ 0.029."""
+    prev = timesteps - len(alphas_cumprod) // len(timesteps)
+    final = alphas_cumprod.new_tensor(1.0) if config.set_alpha_to_one else alphas_cumprod[0]
     return torch.where(prev >= 0, alphas_cumprod[prev.clamp(min=0)], final)
+
+
+def ddpm_alpha_bar_prev(timesteps: Tensor, alphas_cumprod: Tensor, config: SchedulerConfig) -> Tensor:
+    """DDPM lands on the next call's t, and on ᾱ = 1 after the last (Diffusers ignores set_alpha_to_one here)."""
+    return torch.cat([alphas_cumprod[timesteps[1:]], alphas_cumprod.new_ones(1)])
 
 
 def spaced_timesteps(n: int, spacing: str, T: int, steps_offset: int) -> Tensor:
@@ -169,6 +173,11 @@ class Schedule:
     init_noise_sigma: float  # txt2img starts from randn * init_noise_sigma
     alpha_bar: Tensor | None = None  # (N,) ᾱ at each call's t (DDIM, DDPM)
     alpha_bar_prev: Tensor | None = None  # (N,) ᾱ each step lands on (DDIM, DDPM)
+    first_step: int = 0  # the step number of the first call: the steps img2img skips (A1111 counts from 0)
+
+    def step_of(self, i: int) -> int:
+        """The step that UNet call i belongs to (prompt editing switches text at steps, not calls)."""
+        return self.first_step + i // SAMPLERS[self.sampler].unet_calls
 
 
 @dataclass(frozen=True)
@@ -262,17 +271,37 @@ def ddpm_step(x: Tensor, eps: Tensor, abar: Tensor, abar_prev: Tensor, noise: Te
 
 
 # ----------------------------------------------------------------------------- one UNet call of each sampler
+# Each sampler twice, as the same update: for step() (i an int, branches taken in Python) and for graph_step(), as
+# a function of device tensors only (i a (1,) tensor read with at(), both sides of a branch computed and one picked
+# with torch.where, the state a tuple of Sampler.states tensors, zeros before the first call).
 
-Noise = Callable[[], Tensor]  # draws a fresh ε ~ N(0, I); only the samplers that need noise call it
+Noise = Tensor | None  # the ε drawn for this call (Sampler.draws): None where step() draws none, or zeros
 Out = tuple[Tensor, SamplerState | None]  # the new x and the state for the next call
+States = tuple[Tensor, ...]  # graph_step's sampler state
+GraphOut = tuple[Tensor, States]
+
+
+def at(v: Tensor, i: Tensor, k: int = 0) -> Tensor:
+    """v[i + k] for a call index i held in a (1,) int64 tensor on v's device, read there (no host sync, so a CUDA
+    graph can replay it); clamped into range, since graph_step also computes the branch it then drops. 0-dim, like
+    the eager loop's v[i], so dtype promotion is the same (float16 ε times it stays float16)."""
+    return v.index_select(0, (i + k).clamp(0, len(v) - 1)).squeeze(0)
 
 
 def euler(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
     return euler_step(x, eps, s.sigmas[i], s.sigmas[i + 1]), None
 
 
+def euler_graph(s: Schedule, i: Tensor, x: Tensor, eps: Tensor, state: States, noise: Noise, eta: float) -> GraphOut:
+    return euler_step(x, eps, at(s.sigmas, i), at(s.sigmas, i, 1)), state
+
+
 def euler_a(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
-    return euler_ancestral_step(x, eps, s.sigmas[i], s.sigmas[i + 1], noise()), None
+    return euler_ancestral_step(x, eps, s.sigmas[i], s.sigmas[i + 1], noise), None
+
+
+def euler_a_graph(s: Schedule, i: Tensor, x: Tensor, eps: Tensor, state: States, noise: Noise, eta: float) -> GraphOut:
+    return euler_ancestral_step(x, eps, at(s.sigmas, i), at(s.sigmas, i, 1), noise), state
 
 
 def heun(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
@@ -281,6 +310,15 @@ def heun(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None
     if i % 2 == 0:
         return heun_predictor(x, eps, s.sigmas[i], s.sigmas[i + 1])
     return heun_corrector(x, eps, s.sigmas[i - 1], s.sigmas[i], state), None
+
+
+def heun_graph(s: Schedule, i: Tensor, x: Tensor, eps: Tensor, state: States, noise: Noise, eta: float) -> GraphOut:
+    """heun() with state (x_i, d_i): even calls predict, odd calls correct the step from σ_i-1 to σ_i."""
+    x_pred, pred = heun_predictor(x, eps, at(s.sigmas, i), at(s.sigmas, i, 1))
+    x_corr = heun_corrector(x, eps, at(s.sigmas, i, -1), at(s.sigmas, i), SamplerState(x=state[0], d=state[1]))
+    even = i.squeeze(0) % 2 == 0
+    state = tuple(torch.where(even, new, old) for new, old in zip((pred.x, pred.d), state, strict=True))
+    return torch.where(even, x_pred, x_corr), state
 
 
 def dpmpp_2m(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
@@ -293,17 +331,34 @@ def dpmpp_2m(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | 
     return x, SamplerState(denoised=denoised)
 
 
+def dpmpp_2m_graph(s: Schedule, i: Tensor, x: Tensor, eps: Tensor, state: States, noise: Noise, eta: float) -> GraphOut:
+    """dpmpp_2m() with state (x_θ of the previous call,)."""
+    sigma, sigma_next = at(s.sigmas, i), at(s.sigmas, i, 1)
+    x_first, denoised = dpmpp_2m_step(x, eps, sigma, sigma_next)
+    x_second, _ = dpmpp_2m_step(x, eps, sigma, sigma_next, at(s.sigmas, i, -1), state[0])
+    first_order = ((i == 0) | (i == len(s.timesteps) - 1)).squeeze(0)
+    return torch.where(first_order, x_first, x_second), (denoised,)
+
+
 def ddim(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
-    return ddim_step(x, eps, s.alpha_bar[i], s.alpha_bar_prev[i], eta, noise() if eta > 0 else None), None
+    return ddim_step(x, eps, s.alpha_bar[i], s.alpha_bar_prev[i], eta, noise), None
+
+
+def ddim_graph(s: Schedule, i: Tensor, x: Tensor, eps: Tensor, state: States, noise: Noise, eta: float) -> GraphOut:
+    return ddim_step(x, eps, at(s.alpha_bar, i), at(s.alpha_bar_prev, i), eta, noise), state
 
 
 def ddpm(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
-    return ddpm_step(x, eps, s.alpha_bar[i], s.alpha_bar_prev[i], noise() if s.timesteps[i] > 0 else None), None
+    return ddpm_step(x, eps, s.alpha_bar[i], s.alpha_bar_prev[i], noise), None
+
+
+def ddpm_graph(s: Schedule, i: Tensor, x: Tensor, eps: Tensor, state: States, noise: Noise, eta: float) -> GraphOut:
+    return ddpm_step(x, eps, at(s.alpha_bar, i), at(s.alpha_bar_prev, i), noise), state  # a zero ε at t = 0 adds 0
 
 
 @dataclass(frozen=True)
 class Sampler:
-    """One sampler as data: what make_schedule builds for it and what step() does at each UNet call."""
+    """One sampler as data: what make_schedule builds for it and what step() and graph_step() do at each UNet call."""
 
     name: str  # ours, the CLI's --scheduler value
     a1111_name: str  # A1111's name for it, written in the PNG metadata
@@ -312,18 +367,28 @@ class Sampler:
     unet_calls: int  # UNet calls per step (Diffusers' scheduler.order)
     spacing: str  # Diffusers' default timestep_spacing for it
     step: Callable[[Schedule, int, Tensor, Tensor, SamplerState | None, Noise, float], Out]  # one UNet call's update
+    graph: Callable[[Schedule, Tensor, Tensor, Tensor, States, Noise, float], GraphOut]  # the same for graph_step
+    states: int = 0  # how many tensors of state graph() carries from call to call (its States)
+    draws: Callable[[Tensor, float], bool] = lambda t, eta: False  # does step() draw ε at a call at t, given η
+    alpha_bar_prev: Callable[[Tensor, Tensor, SchedulerConfig], Tensor] | None = None  # DDIM/DDPM: the ᾱ steps land on
     eta: bool = False  # takes DDIM's η (Eq. 16); the others would ignore it
 
 
 # The SD 1.5 scheduler file was written for PNDM and names no timestep_spacing, so every Diffusers class keeps
 # its own default (verified in 0.42; older versions carried PNDM's "leading" over to all of them).
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
-    Sampler("euler", "Euler", EDM_X, karras=True, unet_calls=1, spacing="linspace", step=euler),
-    Sampler("euler_a", "Euler a", EDM_X, karras=False, unet_calls=1, spacing="linspace", step=euler_a),
-    Sampler("heun", "Heun", EDM_X, karras=True, unet_calls=2, spacing="linspace", step=heun),
-    Sampler("dpmpp_2m", "DPM++ 2M", X_T, karras=True, unet_calls=1, spacing="linspace", step=dpmpp_2m),
-    Sampler("ddim", "DDIM", X_T, karras=False, unet_calls=1, spacing="leading", step=ddim, eta=True),
-    Sampler("ddpm", "DDPM", X_T, karras=False, unet_calls=1, spacing="leading", step=ddpm),
+    Sampler("euler", "Euler", EDM_X, karras=True, unet_calls=1, spacing="linspace",
+            step=euler, graph=euler_graph),
+    Sampler("euler_a", "Euler a", EDM_X, karras=False, unet_calls=1, spacing="linspace",
+            step=euler_a, graph=euler_a_graph, draws=lambda t, eta: True),
+    Sampler("heun", "Heun", EDM_X, karras=True, unet_calls=2, spacing="linspace",
+            step=heun, graph=heun_graph, states=2),  # x_i, d_i
+    Sampler("dpmpp_2m", "DPM++ 2M", X_T, karras=True, unet_calls=1, spacing="linspace",
+            step=dpmpp_2m, graph=dpmpp_2m_graph, states=1),  # the previous call's x_θ
+    Sampler("ddim", "DDIM", X_T, karras=False, unet_calls=1, spacing="leading",
+            step=ddim, graph=ddim_graph, draws=lambda t, eta: eta > 0, alpha_bar_prev=ddim_alpha_bar_prev, eta=True),
+    Sampler("ddpm", "DDPM", X_T, karras=False, unet_calls=1, spacing="leading",
+            step=ddpm, graph=ddpm_graph, draws=lambda t, eta: bool(t > 0), alpha_bar_prev=ddpm_alpha_bar_prev),
 )}  # fmt: skip
 
 
@@ -358,7 +423,7 @@ def make_schedule(sampler: str, steps: int, config: SchedulerConfig, karras: boo
         if record.unet_calls > 1:  # each step's calls after the first repeat its σ, σ_N excepted (Heun)
             sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(record.unet_calls), sigmas[-1:]])
             timesteps = torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(record.unet_calls)])
-    elif sampler == "dpmpp_2m":
+    elif record.alpha_bar_prev is None:  # DPM++: steps between σ only
         if karras:  # between the σ of t = T-1 and t = 0, timesteps rounded
             sigmas = karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), steps)
             timesteps = sigma_to_t(sigmas, train_sigmas).round().long()
@@ -367,13 +432,9 @@ def make_schedule(sampler: str, steps: int, config: SchedulerConfig, karras: boo
             timesteps = spaced_timesteps(n, spacing, T, offset)[:steps].round().long()
             sigmas = sigma_at(timesteps, train_sigmas)
         sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).float()
-    else:  # ddim, ddpm
+    else:  # DDIM, DDPM: steps from ᾱ at each call's t to the ᾱ it lands on
         timesteps = spaced_timesteps(steps, spacing, T, offset).round().long()
-        alpha_bar = alphas_cumprod[timesteps]
-        if sampler == "ddim":
-            alpha_bar_prev = ddim_alpha_bar_prev(timesteps, steps, alphas_cumprod, config.set_alpha_to_one)
-        else:  # DDPM lands on the next call's t, and on ᾱ = 1 after the last (set_alpha_to_one is ignored)
-            alpha_bar_prev = torch.cat([alphas_cumprod[timesteps[1:]], alphas_cumprod.new_ones(1)])
+        alpha_bar, alpha_bar_prev = alphas_cumprod[timesteps], record.alpha_bar_prev(timesteps, alphas_cumprod, config)
         ab = torch.cat([alpha_bar, alpha_bar_prev[-1:]])
         sigmas = ((1 - ab) / ab) ** 0.5
 
@@ -383,7 +444,8 @@ def make_schedule(sampler: str, steps: int, config: SchedulerConfig, karras: boo
         raise ValueError(f"strength {strength} leaves no step out of {steps}")
     cut = slice(t_start, None)
     ab, ab_prev = (alpha_bar[cut], alpha_bar_prev[cut]) if alpha_bar is not None else (None, None)
-    return Schedule(sampler, timesteps[cut], sigmas[cut], float(init_noise_sigma), ab, ab_prev)
+    first_step = t_start // record.unet_calls
+    return Schedule(sampler, timesteps[cut], sigmas[cut], float(init_noise_sigma), ab, ab_prev, first_step)
 
 
 def add_noise(schedule: Schedule, x0: Tensor, noise: Tensor, i: int = 0) -> Tensor:
@@ -400,13 +462,6 @@ def add_noise(schedule: Schedule, x0: Tensor, noise: Tensor, i: int = 0) -> Tens
 
 
 # ----------------------------------------------------------------------------- one UNet call
-
-
-def at(v: Tensor, i: Tensor, k: int = 0) -> Tensor:
-    """v[i + k] for a call index i held in a (1,) int64 tensor on v's device, read there (no host sync, so a CUDA
-    graph can replay it); clamped into range, since graph_step also computes the branch it then drops. 0-dim, like
-    the eager loop's v[i], so dtype promotion is the same (float16 ε times it stays float16)."""
-    return v.index_select(0, (i + k).clamp(0, len(v) - 1)).squeeze(0)
 
 
 def scale_model_input(schedule: Schedule, i: int | Tensor, x: Tensor) -> Tensor:
@@ -454,9 +509,10 @@ def step(schedule: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState
     computed in at least float32) and the state for call i + 1. eta is DDIM's η (0: deterministic). Stochastic
     samplers draw one ε per call from `generator` (in eps's dtype), where Diffusers does: every call for euler_a
     and for DDIM with η > 0, calls with t > 0 for DDPM."""
-    noise = partial(draw_noise, eps.shape, eps.dtype, eps.device, generator)
-    compute = torch.promote_types(x.dtype, torch.float32)
-    x_next, state = SAMPLERS[schedule.sampler].step(schedule, i, x.to(compute), eps.to(compute), state, noise, eta)
+    sampler, compute = SAMPLERS[schedule.sampler], torch.promote_types(x.dtype, torch.float32)
+    draws = sampler.draws(schedule.timesteps[i], eta)
+    noise = draw_noise(eps.shape, eps.dtype, eps.device, generator) if draws else None
+    x_next, state = sampler.step(schedule, i, x.to(compute), eps.to(compute), state, noise, eta)
     return x_next.to(x.dtype), state
 
 
@@ -464,43 +520,19 @@ def step(schedule: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState
 
 
 def draws_noise(schedule: Schedule, eta: float) -> list[bool]:
-    """The UNet calls at which step() draws a fresh ε: all of euler_a's and of DDIM's with η > 0, DDPM's at t > 0."""
-    name = schedule.sampler
-    return [name == "euler_a" or (name == "ddim" and eta > 0) or (name == "ddpm" and bool(t > 0))
-            for t in schedule.timesteps]  # fmt: skip
+    """The UNet calls at which step() draws a fresh ε (Sampler.draws)."""
+    return [bool(SAMPLERS[schedule.sampler].draws(t, eta)) for t in schedule.timesteps]
 
 
-def graph_step(s: Schedule, i: Tensor, x: Tensor, eps: Tensor, state: tuple[Tensor, ...], noise: Tensor | None,
-               eta: float = 0.0) -> tuple[Tensor, tuple[Tensor, ...]]:  # fmt: skip
-    """step() as a function of device tensors only, for a loop captured once as a CUDA graph and replayed: the
+def graph_step(s: Schedule, i: Tensor, x: Tensor, eps: Tensor, state: States, noise: Noise,
+               eta: float = 0.0) -> GraphOut:  # fmt: skip
+    """step() for a loop captured once as a CUDA graph and replayed, on device tensors only (Sampler.graph): the
     schedule's tensors on x's device, the call index i a (1,) int64 tensor (see at), ε drawn before the loop (zeros
-    at the calls where step() draws none, see draws_noise), the sampler state a fixed tuple of tensors (zeros before
-    the first call: Heun's x_i and d_i, DPM++'s previous x_θ), and step()'s branches on i (Heun's predictor or
-    corrector, DPM++'s first order at the ends) computed both ways and picked with torch.where. Returns the new x
-    and state; bit for bit step()'s on the same device (tests/test_compile.py)."""
-    dtype, compute = x.dtype, torch.promote_types(x.dtype, torch.float32)
-    x, eps = x.to(compute), eps.to(compute)
-    sigma, sigma_next = at(s.sigmas, i), at(s.sigmas, i, 1)
-    if s.sampler == "euler":
-        x_next = euler_step(x, eps, sigma, sigma_next)
-    elif s.sampler == "euler_a":
-        x_next = euler_ancestral_step(x, eps, sigma, sigma_next, noise)
-    elif s.sampler == "heun":  # even calls predict, odd calls correct the step from σ_i-1 to σ_i
-        x_pred, pred = heun_predictor(x, eps, sigma, sigma_next)
-        x_corr = heun_corrector(x, eps, at(s.sigmas, i, -1), sigma, SamplerState(x=state[0], d=state[1]))
-        even = i.squeeze(0) % 2 == 0
-        x_next = torch.where(even, x_pred, x_corr)
-        state = tuple(torch.where(even, new, old) for new, old in zip((pred.x, pred.d), state, strict=True))
-    elif s.sampler == "dpmpp_2m":
-        x_first, denoised = dpmpp_2m_step(x, eps, sigma, sigma_next)
-        x_second, _ = dpmpp_2m_step(x, eps, sigma, sigma_next, at(s.sigmas, i, -1), state[0])
-        first_order = ((i == 0) | (i == len(s.timesteps) - 1)).squeeze(0)
-        x_next, state = torch.where(first_order, x_first, x_second), (denoised,)
-    elif s.sampler == "ddim":
-        x_next = ddim_step(x, eps, at(s.alpha_bar, i), at(s.alpha_bar_prev, i), eta, noise if eta > 0 else None)
-    else:  # ddpm; a zero ε at t = 0 adds exactly nothing
-        x_next = ddpm_step(x, eps, at(s.alpha_bar, i), at(s.alpha_bar_prev, i), noise)
-    return x_next.to(dtype), state
+    at the calls where step() draws none, see draws_noise), the state a tuple of Sampler.states tensors (zeros
+    before the first call). Returns the new x and state; bit for bit step()'s on the same device (test_compile)."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    x_next, state = SAMPLERS[s.sampler].graph(s, i, x.to(compute), eps.to(compute), state, noise, eta)
+    return x_next.to(x.dtype), state
 
 
 def main() -> None:

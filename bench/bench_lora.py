@@ -107,13 +107,13 @@ def main() -> None:
                 p.sum()
         before = memory()
         t0 = time.perf_counter()
-        changed = apply_lora(pipe, path, 0.8)
+        changed = apply_lora(pipe.unet, pipe.text_encoder, path, 0.8)
         applied = time.perf_counter() - t0
         after = memory()
         kept = [t for net in (pipe.unet, pipe.text_encoder) for t in net.lora_originals.values()]
         touched_mb = sum(t.numel() * t.element_size() for t in kept) / 2**20
         t0 = time.perf_counter()
-        remove_loras(pipe)
+        remove_loras(pipe.unet, pipe.text_encoder)
         removed = time.perf_counter() - t0
         final = memory()
         ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc keeps freed heap memory; give it back to see what is still used

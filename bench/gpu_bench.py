@@ -12,7 +12,7 @@ configs), then measures, in this order, so that a run cut short by the time budg
            UNet call, after a device sync) and seconds per image of the whole call, median of the timed runs
            after a short warm-up; Diffusers eager and with `unet = torch.compile(unet)` (compile time apart: the
            warm-up's first UNet call minus a steady one), ours eager and with the driver's fast path
-           (min_pipeline.speed_up: compiled UNet, the loop replayed as one CUDA graph; compile + capture time:
+           (fast_path.speed_up: compiled UNet, the loop replayed as one CUDA graph; compile + capture time:
            the warm-up call minus a timed one; the compile section first diffs its images against ours eager,
            euler_a, and runs its loop step under set_sync_debug_mode("error")), batch 1 and 4; peak memory of the row
            (torch.cuda.max_memory_allocated, reset per row, minus the other pipeline's resident weights);
@@ -43,7 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import conftest  # noqa: E402 (the model folder builder and the Diffusers reference helpers of the tests)
-from min_pipeline import encode_prompts, generate, load_pipeline, speed_up  # noqa: E402
+from fast_path import speed_up  # noqa: E402
+from min_pipeline import encode_prompts, generate, load_pipeline  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
 NEGATIVE = "blurry, low quality"
@@ -244,7 +245,7 @@ def parity(b: Bench) -> None:
 
 
 def fast_parity(b: Bench) -> None:
-    """Ours fast path (min_pipeline.speed_up: compiled UNet, loop replayed as a CUDA graph) against ours eager on the
+    """Ours fast path (fast_path.speed_up: compiled UNet, loop replayed as a CUDA graph) against ours eager on the
     device, with euler_a, whose noise per step the graph loop must draw as the eager loop does. The first call of the
     fast pipeline compiles (the time is in the note), for the speed rows after it."""
     setting = f"{b.size}x{b.size}, euler_a, {b.parity_steps} steps, CFG {CFG}, seed 0, {b.dtype}, {b.device}"

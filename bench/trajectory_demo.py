@@ -6,7 +6,7 @@ arXiv:2206.00364, Eq. 57): D(x; sigma) = sum_i w_i y_i with w = softmax_i(-|x - 
 the data under the posterior given x. At high sigma it is a blurred average of many scenes; as sigma falls the
 sampler settles the coarse layout (sky, horizon) first and the details (what stands where) last, until it lands on
 one scene: the story a trained UNet tells, where "the dataset" is LAION and the scenes are never copied whole. The
-pictures live in latent space: each is the least-squares latent whose cheap RGB preview (min_pipeline.LATENT_RGB)
+pictures live in latent space: each is the least-squares latent whose cheap RGB preview (cli.trajectory.LATENT_RGB)
 they are.
 
     uv run python bench/trajectory_demo.py [--out bench/trajectory.png] [--steps 12] [--seed 3] [--scheduler euler]
@@ -23,8 +23,9 @@ import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-import min_pipeline  # noqa: E402
 import scheduler as sampling  # noqa: E402
+from cli.trajectory import LATENT_RGB, Watcher  # noqa: E402
+from min_pipeline import StepInfo  # noqa: E402
 
 SIDE = 24  # latents per side: 192x192 pixels after the 8x preview
 
@@ -69,7 +70,7 @@ def main() -> None:
     p.add_argument("--scheduler", default="euler", choices=list(sampling.SAMPLERS))
     args = p.parse_args()
 
-    to_rgb = torch.tensor(min_pipeline.LATENT_RGB)  # (4, 3): latent channel -> RGB
+    to_rgb = torch.tensor(LATENT_RGB)  # (4, 3): latent channel -> RGB
     data = torch.einsum("khwr,rc->kchw", pictures(), torch.linalg.pinv(to_rgb))  # least-squares latents (3, 4, H, W)
     schedule = sampling.make_schedule(args.scheduler, args.steps, sampling.SchedulerConfig())
     generator = torch.Generator().manual_seed(args.seed)
@@ -80,8 +81,7 @@ def main() -> None:
 
     # The CLI's own trajectory writer (--trajectory FILE --trajectory-noisy), fed the StepInfo records generate() makes.
     pipe = SimpleNamespace(vae=SimpleNamespace(downsample_factor=8))
-    watcher = min_pipeline.Watcher(pipe, SimpleNamespace(trajectory=args.out, trajectory_decoder="cheap",
-                                                         trajectory_noisy=True, preview_every=None), None)  # fmt: skip
+    watcher = Watcher(pipe, trajectory=True, decoder="cheap", noisy=True)
     state = None
     for i, t in enumerate(schedule.timesteps):
         sigma = float(schedule.sigmas[i])
@@ -92,7 +92,7 @@ def main() -> None:
         eps = (x_edm - ideal_denoiser(data, x_edm, sigma)) / sigma  # the noise the UNet is trained to predict
         x_before, (x, state) = x, sampling.step(schedule, i, x, eps, state, generator=generator)
         x0 = sampling.predict_x0(schedule, i, x_before, eps)
-        watcher(min_pipeline.StepInfo(i, len(schedule.timesteps), float(t), sigma, x, x0))
+        watcher(StepInfo(i, len(schedule.timesteps), float(t), sigma, x, x0))
     watcher.write_trajectory(args.out)
     print(f"wrote {args.out}")
 

@@ -7,7 +7,7 @@ its value, before any weights are read:
 - each dataclass's `__post_init__`: the type and range of every field, with the helpers below. Types are exact, so
   that "2" or true is never a count, and the bounds keep a typo from building a model far larger than SD 1.5 (12
   layers, widths up to 3072);
-- `check_fit`: the three networks' configs agree with each other.
+(That the three networks' configs agree with each other is `models.loading.check_fit`'s check.)
 `WeightsError` lives here, below every other module of `models/`; `models.loading` re-exports it.
 """
 
@@ -16,12 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
-
-if TYPE_CHECKING:
-    from models.clip import CLIPTextConfig
-    from models.unet import UNetConfig
-    from models.vae import VAEConfig
+from typing import TypeVar
 
 
 class WeightsError(Exception):
@@ -110,18 +105,3 @@ def read_config(cls: type[C], path: Path) -> C:
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in fields})
     except (TypeError, ValueError) as e:
         raise WeightsError(f"{where}: {e}") from None
-
-
-def check_fit(folder: Path, text: CLIPTextConfig, unet: UNetConfig, vae: VAEConfig) -> None:
-    """The UNet denoises the VAE's latents, cross-attending to the text encoder's states: their widths must agree."""
-    c = vae.latent_channels  # an inpainting UNet also sees the mask and the masked image's latents: 2 c + 1
-    if unet.out_channels != c or unet.in_channels not in (c, 2 * c + 1):
-        raise WeightsError(
-            f"the configs in {folder} do not fit together: unet in_channels={unet.in_channels} and out_channels="
-            f"{unet.out_channels} must be vae latent_channels={c} (in_channels {2 * c + 1} for inpainting)"
-        )
-    if unet.cross_attention_dim != text.hidden_size:
-        raise WeightsError(
-            f"the configs in {folder} do not fit together: unet cross_attention_dim={unet.cross_attention_dim} "
-            f"must equal text_encoder hidden_size={text.hidden_size}"
-        )

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from models.loading import WeightsError, load_safetensors
-from tokenizer.clip_tokenizer import slot_names
+from tokenizer.clip_tokenizer import CLIPTokenizer, slot_names
 
 # What an embedding of another width is for: its text encoder's token width.
 OTHER_WIDTHS = {768: "an SD 1.x embedding", 1024: "an SD 2.x embedding (OpenCLIP ViT-H)", 1280: "an SDXL embedding"}
@@ -41,24 +41,26 @@ def read_vectors(path: Path) -> Tensor:
     return vectors
 
 
-def load_embedding(pipe, path: str | Path, token: str | None = None) -> list[str]:
-    """Add the textual-inversion embedding in `path` (a .safetensors file) to `pipe.tokenizer` and
-    `pipe.text_encoder` as the word `token` (default: the file's name without suffix), matched case-insensitively
-    in prompts. Returns the n token names added, `token` first. The file and the name are checked before anything
-    changes: a width other than the text encoder's or a token the tokenizer already has raises."""
+def load_embedding(
+    tokenizer: CLIPTokenizer, text_encoder: nn.Module, path: str | Path, token: str | None = None
+) -> list[str]:
+    """Add the textual-inversion embedding in `path` (a .safetensors file) to `tokenizer` and `text_encoder` as the
+    word `token` (default: the file's name without suffix), matched case-insensitively in prompts. Returns the n
+    token names added, `token` first. The file and the name are checked before anything changes: a width other than
+    the text encoder's or a token the tokenizer already has raises."""
     path = Path(path)
     token = path.stem if token is None else token
     vectors = read_vectors(path)
-    table = pipe.text_encoder.embeddings.token_embedding
+    table = text_encoder.embeddings.token_embedding
     (rows, width), (n, got) = table.weight.shape, vectors.shape
     if got != width:
         kind = OTHER_WIDTHS.get(got, "an embedding for another model")
         raise WeightsError(f"{path} holds {n} vector(s) {got} wide, this text encoder's are {width}: {kind}")
-    if len(pipe.tokenizer) != rows:  # a new id must be its vector's row
-        raise WeightsError(f"the tokenizer has {len(pipe.tokenizer)} ids but the text encoder {rows} token vectors")
+    if len(tokenizer) != rows:  # a new id must be its vector's row
+        raise WeightsError(f"the tokenizer has {len(tokenizer)} ids but the text encoder {rows} token vectors")
     names = list(islice(slot_names(token), n))
-    pipe.tokenizer.add_tokens(names)  # raises ValueError (nothing added) for a name it has already
+    tokenizer.add_tokens(names)  # raises ValueError (nothing added) for a name it has already
     # A new table, never written in place: the loaded one may be a read-only memory map of the model file.
     weight = torch.cat([table.weight.detach(), vectors.to(table.weight.device, table.weight.dtype)])
-    pipe.text_encoder.embeddings.token_embedding = nn.Embedding(rows + n, width, _weight=weight, _freeze=True)
+    text_encoder.embeddings.token_embedding = nn.Embedding(rows + n, width, _weight=weight, _freeze=True)
     return names

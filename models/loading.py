@@ -11,23 +11,20 @@ Pickled checkpoints (`.bin`, `.ckpt`, `.pt`) are never read: unpickling can run 
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 import re
-import sys
 import warnings
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from models import ldm
 from models.clip import CLIPTextConfig, CLIPTextModel
-from models.configs import WeightsError, check_fit, read_config
+from models.configs import WeightsError, read_config
 from models.unet import UNet, UNetConfig
 from models.vae import AutoencoderKL, VAEConfig
 from scheduler import SD15_SCHEDULER_CONFIG, SchedulerConfig
@@ -122,31 +119,6 @@ def build(
     return model.eval().requires_grad_(False)
 
 
-def release_pages(module: nn.Module) -> None:
-    """Take `module`'s memory-mapped weights out of this process's resident memory until they are next read.
-
-    The safetensors tensors are views of a private mapping of the file: reading them faults its pages in, and they
-    count in the process's RSS from then on. madvise(MADV_DONTNEED) unmaps them; the kernel keeps them in its page
-    cache, so the next read maps them back from memory, not from the disk. generate() calls this on the CPU for a
-    network it is done with (the text encoder before the loop, the UNet before the VAE decode): the peak RSS of a
-    run is then the UNet's weights and activations, not all the weights plus the decode (bench/README.md).
-    A tensor is released only if none of its pages is anonymous (ordinary memory, or a mapped page written to in
-    place: MADV_DONTNEED would throw that private copy away) or swapped out, as /proc/self/pagemap tells (a 64-bit
-    entry per page, bits 63/62/61: present/swapped/file page; Linux's Documentation/admin-guide/mm/pagemap.rst).
-    Converted, LoRA-merged or GPU tensors are therefore never touched; a no-op where pagemap cannot be read."""
-    if not sys.platform.startswith("linux") or not os.access("/proc/self/pagemap", os.R_OK):
-        return  # not Linux, or no /proc (some sandboxes)
-    page, libc = os.sysconf("SC_PAGE_SIZE"), ctypes.CDLL(None)
-    storages = [t.untyped_storage() for t in [*module.parameters(), *module.buffers()] if t.device.type == "cpu"]
-    with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
-        for begin, end in {(s.data_ptr(), s.data_ptr() + s.nbytes()) for s in storages if s.nbytes()}:
-            first, last = begin // page, -(-end // page)  # the whole pages the tensor touches
-            entries = os.pread(pagemap.fileno(), 8 * (last - first), 8 * first)
-            flags = np.frombuffer(entries, dtype=np.uint64) >> np.uint64(61)
-            if ((flags == 0b101) | (flags <= 0b001)).all():  # each page a present file page, or not in memory
-                libc.madvise(ctypes.c_void_p(first * page), ctypes.c_size_t((last - first) * page), 4)  # DONTNEED
-
-
 # ----------------------------------------------------------------------------- model folders
 
 # The official (Diffusers) layout of the networks: <folder>/<component>/config.json, read into the config dataclass,
@@ -230,6 +202,21 @@ def _download(repo_id: str, half: bool) -> Path:
 
 
 # ----------------------------------------------------------------------------- the networks
+
+
+def check_fit(folder: Path, text: CLIPTextConfig, unet: UNetConfig, vae: VAEConfig) -> None:
+    """The UNet denoises the VAE's latents, cross-attending to the text encoder's states: their widths must agree."""
+    c = vae.latent_channels  # an inpainting UNet also sees the mask and the masked image's latents: 2 c + 1
+    if unet.out_channels != c or unet.in_channels not in (c, 2 * c + 1):
+        raise WeightsError(
+            f"the configs in {folder} do not fit together: unet in_channels={unet.in_channels} and out_channels="
+            f"{unet.out_channels} must be vae latent_channels={c} (in_channels {2 * c + 1} for inpainting)"
+        )
+    if unet.cross_attention_dim != text.hidden_size:
+        raise WeightsError(
+            f"the configs in {folder} do not fit together: unet cross_attention_dim={unet.cross_attention_dim} "
+            f"must equal text_encoder hidden_size={text.hidden_size}"
+        )
 
 
 def read_network_configs(config_dir: Path | None) -> tuple[CLIPTextConfig, UNetConfig, VAEConfig]:

@@ -14,6 +14,10 @@ The formats, all read through the key spellings below:
 - Diffusers / PEFT: `unet.<layer>` and `text_encoder.text_model.<layer>` with `.lora_A.weight`, `.lora_B.weight`;
   alphas in the header's `lora_adapter_metadata` (a PEFT LoraConfig per network), else alpha = r. Older Diffusers
   wrote `.lora.down.weight`, `.lora_linear_layer.down.weight` or attention processors (`attn1.processor.to_q_lora`).
+
+A file is data from strangers: its names and metadata never reach `re` (no crafted pattern can make matching slow),
+names are at most MAX_NAME characters, and whatever is not a LoRA (rank 0, integer weights, a non-numeric or
+non-finite alpha, weights that the merge would overflow) is one WeightsError naming the file, before any weight changes.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -54,6 +59,11 @@ LOOKS_LIKE = {
     "lora_magnitude_vector": "a DoRA LoRA",
 }  # fmt: skip
 CROSS_ATTENTION_WIDTH = {1024: "an SD 2.x LoRA", 2048: "an SDXL LoRA"}
+# The longest tensor or alpha_pattern name read (SD 1.5's longest LoRA key has ~100 characters): longer ones are
+# refused, so that no name matching in this file costs more than a linear pass over the file's header.
+MAX_NAME = 1000
+INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)  # an alpha may be stored as one
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_.]+")  # an alpha_pattern key we read: a layer name, not a regular expression
 
 
 def ldm_name(layer: str, blocks: dict[str, tuple[str, dict[str, str]]]) -> str | None:
@@ -108,29 +118,71 @@ def fits(parts: dict[str, Tensor], shape: torch.Size) -> bool:
     return got is not None and (got == shape or (got[:2] == shape[:2] and got[2:] in one and shape[2:] in one))
 
 
+def reads_text_states(key: str) -> bool:
+    """Whether a key is the down weight of a cross-attention's to_k (`attn2.to.k.*(down|lora_A)`, without the
+    backtracking `.*` that makes re.search quadratic in the key's length)."""
+    found = re.search(r"attn2.to.k", key)  # fixed length: linear
+    return found is not None and ("down" in key[found.end() :] or "lora_A" in key[found.end() :])
+
+
 def looks_like(state: dict[str, Tensor]) -> str:
     """What a file we cannot apply seems to be: by its key names, else by the text width its attn2.to_k reads."""
     for fragment, kind in LOOKS_LIKE.items():
         if any(fragment in key for key in state):
             return kind
-    widths = [v.shape[-1] for k, v in state.items() if re.search(r"attn2.to.k.*(down|lora_A)", k) and v.ndim == 2]
+    widths = [v.shape[-1] for k, v in state.items() if reads_text_states(k) and v.ndim == 2]
     return CROSS_ATTENTION_WIDTH.get(widths[0] if widths else 0, "a LoRA for other layers or another model")
 
 
-def peft_alpha(metadata: dict, net: str, layer: str) -> float | None:
-    """A layer's alpha in Diffusers' `lora_adapter_metadata`: `<network>.alpha_pattern` (PEFT's rule: a pattern
-    matches the end of a layer name) before `<network>.lora_alpha`."""
-    patterns = metadata.get(f"{net}.alpha_pattern") or {}
-    hits = [a for pattern, a in patterns.items() if re.fullmatch(rf"(.*\.)?({pattern})", layer)]
-    return hits[0] if hits else metadata.get(f"{net}.lora_alpha")
+def is_number(x: object) -> bool:
+    """A finite int or float (not a bool, a string or a JSON null); ints too big for a float are not."""
+    return type(x) in (int, float) and abs(x) <= sys.float_info.max
+
+
+def peft_alphas(path: Path, header: dict[str, str]) -> dict[str, tuple[float | None, dict[str, tuple[int, float]]]]:
+    """Per network, `lora_alpha` and `alpha_pattern` ({layer name: (position in the file, alpha)}) from Diffusers'
+    `lora_adapter_metadata` (a PEFT LoraConfig per network), checked. PEFT reads pattern keys as regular
+    expressions; we read plain layer names only and refuse the rest. Ranks come from the tensors (no `rank_pattern`)."""
+    try:
+        metadata = json.loads(header.get("lora_adapter_metadata", "{}"))
+    except (ValueError, RecursionError) as e:
+        raise WeightsError(f"{path}: its lora_adapter_metadata is not valid JSON ({str(e)[:100]})") from None
+    if not isinstance(metadata, dict):
+        raise WeightsError(f"{path}: its lora_adapter_metadata is a JSON {type(metadata).__name__}, not an object")
+    alphas = {}
+    for net in PREFIXES:
+        alpha, patterns = metadata.get(f"{net}.lora_alpha"), metadata.get(f"{net}.alpha_pattern") or {}
+        where = f"{path}: lora_adapter_metadata's {net}"
+        if not isinstance(patterns, dict):
+            raise WeightsError(f"{where}.alpha_pattern is not a JSON object")
+        if bad := next((k for k in patterns if len(k) > MAX_NAME or not PLAIN_NAME.fullmatch(k)), None):
+            raise WeightsError(f"{where}.alpha_pattern key {bad!r:.80} is not a layer name (patterns are matched as "
+                               "plain names, never as regular expressions)")  # fmt: skip
+        if not (alpha is None or is_number(alpha)):
+            raise WeightsError(f"{where}.lora_alpha is {alpha!r:.60}, not a finite number")
+        if bad := next((k for k, a in patterns.items() if not is_number(a)), None):
+            raise WeightsError(f"{where}.alpha_pattern {bad} is {patterns[bad]!r:.60}, not a finite number")
+        alphas[net] = (alpha, {k: (i, a) for i, (k, a) in enumerate(patterns.items())})
+    return alphas
+
+
+def peft_alpha(alphas: dict, net: str, layer: str) -> float | None:
+    """A layer's alpha from peft_alphas: PEFT's rule (peft.utils.other.get_pattern_key) is the first alpha_pattern key,
+    in the file's order, that is the layer's name or its end after a dot; else the network's lora_alpha."""
+    default, patterns = alphas[net]
+    ends = [layer] + [layer[i + 1 :] for i, c in enumerate(layer) if c == "."]  # a dict lookup each: any number of keys
+    hits = [patterns[end] for end in ends if end in patterns]
+    return min(hits)[1] if hits else default
 
 
 def read_lora(path: Path, networks: dict[str, nn.Module]) -> list[tuple[str, str, dict[str, Tensor], float]]:
     """The file's updates as (network, layer, {role: tensor}, alpha / r), every key matched and every shape checked
     first; a file that does not fit raises one WeightsError naming its first misfits and what it looks like."""
     state = load_safetensors(path)  # refuses pickles
+    if long := next((k for k in state if len(k) > MAX_NAME), None):
+        raise WeightsError(f"{path}: a tensor name of {len(long)} characters ({long[:40]!r}...), not a LoRA file")
     with safe_open(path, framework="pt") as f:
-        metadata = json.loads((f.metadata() or {}).get("lora_adapter_metadata", "{}"))
+        alphas = peft_alphas(path, f.metadata() or {})
     names, groups, misfits = layer_spellings(networks), {}, []
     for key, tensor in state.items():
         suffix = next((s for s in ROLES if key.endswith(s)), None)
@@ -139,6 +191,9 @@ def read_lora(path: Path, networks: dict[str, nn.Module]) -> list[tuple[str, str
             layer = re.sub(f"^{pattern}$", ours, layer)
         if suffix is None or layer not in names:
             misfits.append(key)
+        elif not tensor.is_floating_point() and not (ROLES[suffix] == "alpha" and tensor.dtype in INTEGERS):
+            raise WeightsError(f"{path}: tensor {key} is {str(tensor.dtype).removeprefix('torch.')}; LoRA weights "
+                               "are floating point (an alpha may be an integer)")  # fmt: skip
         else:
             groups.setdefault(layer, {})[ROLES[suffix]] = tensor
     updates = []
@@ -152,8 +207,11 @@ def read_lora(path: Path, networks: dict[str, nn.Module]) -> list[tuple[str, str
             shapes = ", ".join(f"{role} {tuple(t.shape)}" for role, t in parts.items())
             misfits.append(f"{spelled} ({shapes}; {layer}.weight is {tuple(weight.shape)})")
             continue
-        rank = parts["down"].shape[0]
-        alpha = parts["alpha"].item() if "alpha" in parts else peft_alpha(metadata, net, spelled.split(".", 1)[-1])
+        if (rank := parts["down"].shape[0]) == 0:
+            raise WeightsError(f"{path}: {spelled} has rank 0 (empty down and up weights), not a LoRA")
+        alpha = parts["alpha"].item() if "alpha" in parts else peft_alpha(alphas, net, spelled.split(".", 1)[-1])
+        if not (alpha is None or is_number(alpha)):
+            raise WeightsError(f"{path}: {spelled} has alpha {alpha}, not a finite number")
         updates.append((net, layer, parts, (rank if alpha is None else alpha) / rank))
     if misfits or not updates:
         first = ", ".join(misfits[:3]) or "no LoRA tensors at all"
@@ -171,27 +229,43 @@ def originals(network: nn.Module) -> dict[str, Tensor]:
     return network.lora_originals
 
 
-def apply_lora(pipe, path: str | Path, weight: float = 1.0) -> int:
-    """Merge the LoRA file `path` at strength `weight` into `pipe.unet` and `pipe.text_encoder` (W += weight * alpha
-    / r * B A); several stack. Returns the number of layers changed. The file is checked whole before any weight
-    changes."""
+def merge(w: Tensor, parts: dict[str, Tensor], s: float) -> Tensor | None:
+    """W + s B A in one float32 op (addmm: no separate B A tensor), rounded once into W's dtype, as a new tensor: never
+    written in place, the loaded one may be a read-only memory map of the model file. None where not finite."""
+    if not abs(s) <= torch.finfo(torch.float32).max:  # addmm's factor is a float32
+        return None
+    b, a = factors({role: t.to(w.device) for role, t in parts.items()})
+    merged = torch.addmm(w.float().flatten(1), b, a, alpha=s).reshape(w.shape).to(w.dtype)
+    lo, hi = torch.aminmax(merged)  # NaN or inf anywhere shows here (one pass, ~8x faster than isfinite().all())
+    return merged if math.isfinite(lo) and math.isfinite(hi) else None
+
+
+def apply_lora(unet: nn.Module, text_encoder: nn.Module, path: str | Path, weight: float = 1.0) -> int:
+    """Merge the LoRA file `path` at strength `weight` into the UNet and text encoder (W += weight * alpha / r * B A);
+    several stack. Returns the number of layers changed. The file, and every merged weight, is checked before any
+    weight changes: a file whose merge overflows the weights' dtype (or holds NaN) is refused whole."""
     if not math.isfinite(weight):
         raise ValueError(f"LoRA weight must be a finite number, got {weight}")
-    networks = {"unet": pipe.unet, "text_encoder": pipe.text_encoder}
-    updates = read_lora(Path(path), networks)
-    for net, layer, parts, scale in updates:
+    networks = {"unet": unet, "text_encoder": text_encoder}
+    new: dict[tuple[str, str], Tensor | None] = {}  # all new weights first (they are all kept anyway), then the swap
+    for net, layer, parts, scale in read_lora(Path(path), networks):
+        w = new.get((net, layer), networks[net].get_submodule(layer).weight.data)  # a layer spelled twice: both
+        new[net, layer] = merge(w, parts, scale * weight)
+        if new[net, layer] is None:
+            raise WeightsError(
+                f"{path}: merged at strength {weight}, {net}.{layer} gets non-finite weights (NaN or inf in the file, "
+                f"or an update too large: alpha / rank = {scale:.3g}): nothing applied"
+            )
+    for (net, layer), w in new.items():
         p = networks[net].get_submodule(layer).weight
         originals(networks[net]).setdefault(f"{layer}.weight", p.data)
-        b, a = factors({role: t.to(p.device) for role, t in parts.items()})
-        # W + s B A in one float32 op (addmm: no separate B A tensor), rounded once into the model's dtype, as a new
-        # tensor: never written in place, the loaded one may be a read-only memory map of the model file.
-        p.data = torch.addmm(p.data.float().flatten(1), b, a, alpha=scale * weight).reshape(p.shape).to(p.dtype)
-    return len(updates)
+        p.data = w
+    return len(new)
 
 
-def remove_loras(pipe) -> None:
+def remove_loras(unet: nn.Module, text_encoder: nn.Module) -> None:
     """Undo every apply_lora: the exact original tensors go back."""
-    for network in (pipe.unet, pipe.text_encoder):
+    for network in (unet, text_encoder):
         for name, tensor in originals(network).items():
             network.get_parameter(name).data = tensor
         network.lora_originals = {}

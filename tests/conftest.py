@@ -160,7 +160,7 @@ def check_loop_never_syncs(pipe) -> None:
     """Runs the CUDA-graph loop that generate() captured on `pipe` (speed_up) once uncaptured, then replays its graph,
     under torch.cuda.set_sync_debug_mode("error"): any host sync in the loop's step raises. Used by the CUDA test and
     bench/gpu_bench.py."""
-    ((_, step, graph),) = pipe.graphs.values()
+    ((_, step, graph),) = pipe.fast_loop.graphs.values()
     torch.cuda.set_sync_debug_mode("error")
     try:
         with torch.inference_mode():  # the buffers were made by generate(), in inference mode
@@ -204,12 +204,13 @@ def assert_images_close(got, want, atol: float) -> None:
 
 def run_both(ours, ref, prompt, negative_prompt="", *, init_image=None, reference_embeds=None, **settings):
     """generate() and the Diffusers pipeline `ref` on the same prompt(s), init image and settings, both as float32
-    (N, H, W, 3) arrays. Settings use our names (min_pipeline.Settings) and are translated for Diffusers, which gets
+    (N, H, W, 3) arrays. Settings use our names (settings.Settings) and are translated for Diffusers, which gets
     every one explicitly (its defaults differ: 50 steps, the UNet's sample size) and the img2img pipeline when there
     is an init image. `reference_embeds` = (prompt_embeds, negative_prompt_embeds) replaces the reference's text."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
-    from min_pipeline import Settings, generate
+    from min_pipeline import generate
+    from settings import Settings
 
     s = Settings(**settings)
     got = generate(ours, prompt, negative_prompt, init_image=init_image, output_type="np", progress=False, **asdict(s))

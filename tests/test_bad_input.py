@@ -17,8 +17,12 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from cli.main import main
+from cli.outputs import Output
+from cli.png_info import read_parameters
 from conftest import max_diff, with_scheduler
-from min_pipeline import Output, generate, image_to_tensor, load_pipeline, main, read_parameters
+from images import image_to_tensor
+from min_pipeline import generate, load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["--steps", "2", "--height", "16", "--width", "16", "--device", "cpu", "--quiet"]
@@ -259,13 +263,13 @@ def test_a_size_that_cannot_finish_is_refused_before_any_work(tiny_model_dir, tm
 
 
 def test_a_size_that_cannot_fit_is_refused_with_the_estimate(tiny, monkeypatch):
-    monkeypatch.setattr("min_pipeline.available_bytes", lambda device: 2**20)
+    monkeypatch.setattr("resources.available_bytes", lambda device: 2**20)
     with pytest.raises(ValueError, match=r"64x64 needs about 0\.\d GB of working memory, but only 0\.0 GB is free"):
         generate(tiny, "x", steps=1, height=64, width=64, progress=False)
 
 
 def test_a_long_run_is_announced(tiny, monkeypatch):
-    monkeypatch.setattr("min_pipeline.cpu_flops_per_second", lambda: 1.0)  # a very slow CPU
-    monkeypatch.setattr("min_pipeline.MAX_STEP_SECONDS", float("inf"))
+    monkeypatch.setattr("resources.cpu_flops_per_second", lambda: 1.0)  # a very slow CPU
+    monkeypatch.setattr("resources.MAX_STEP_SECONDS", float("inf"))
     with pytest.warns(UserWarning, match=r"16x16 may take up to \d+ min on this CPU"):
         generate(tiny, "x", steps=1, height=16, width=16, progress=False)

@@ -11,8 +11,10 @@ import torch
 from PIL import Image
 
 import scheduler as sampling
+from cli.main import main
+from cli.trajectory import preview
 from conftest import DIFFUSERS_SCHEDULERS, max_diff, with_scheduler
-from min_pipeline import generate, load_pipeline, main, preview
+from min_pipeline import generate, load_pipeline
 
 KW = dict(steps=4, height=24, width=16, seed=3, output_type="np", progress=False)
 
@@ -97,12 +99,12 @@ def test_trajectory_with_noisy_latents_and_vae_decoder(tiny_model_dir, tmp_path)
 
 @pytest.mark.parametrize("keep", [False, True])
 def test_preview_file_is_rewritten_and_removed_unless_kept(tiny_model_dir, tmp_path, monkeypatch, keep):
-    import min_pipeline
+    import cli.trajectory
 
     written = []
-    real = min_pipeline.replace_file
+    real = cli.trajectory.replace_file
     monkeypatch.setattr(
-        min_pipeline, "replace_file", lambda path, *a, **k: (written.append(path.name), real(path, *a, **k))
+        cli.trajectory, "replace_file", lambda path, *a, **k: (written.append(path.name), real(path, *a, **k))
     )
     args = ["--model", str(tiny_model_dir), "--device", "cpu", "--quiet", "--prompt", "a", "--steps", "5"]
     args += ["--height", "16", "--width", "16", "--output", str(tmp_path / "o.png"), "--preview-every", "2"]

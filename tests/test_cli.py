@@ -15,7 +15,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from min_pipeline import generate, load_pipeline, main, read_parameters
+from cli.main import main
+from cli.png_info import read_parameters
+from min_pipeline import generate, load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,7 +119,8 @@ def test_cli_numbers_several_images_and_img2img(tiny_model_dir, tmp_path):
 
 
 def test_parameters_round_trip_with_commas_and_newlines():
-    from min_pipeline import Settings, parameters_text
+    from cli.png_info import parameters_text
+    from settings import Settings
 
     settings = Settings(steps=20, scheduler="euler_a", seed=1)
     text = parameters_text(settings, "a, b\nc: d", "e, f", (512, 768), model="C:/models/sd, v1.5")

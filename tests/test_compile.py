@@ -1,5 +1,5 @@
-"""The fast path (min_pipeline.speed_up) against eager generate(), the reference the parity tests hold to Diffusers:
-- the graph-ready loop (graph_loop: every UNet call one function of device tensors, all noise drawn first), run
+"""The fast path (fast_path.speed_up) against eager generate(), the reference the parity tests hold to Diffusers:
+- the graph-ready loop (fast_path.GraphLoop: every UNet call one function of device tensors, all noise drawn first), run
   uncaptured on the CPU, gives the eager loop's latents bit for bit, for every sampler, seeded noise included;
 - torch.compile of the UNet (inductor, as the CLI's --compile) gives images within 1e-4 of eager (float32);
 - on CUDA: the captured loop (replayed CUDA graph) equals eager within 1e-4 and syncs nothing with the host.
@@ -13,10 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
+from cli.main import main
 from conftest import assert_images_close, check_loop_never_syncs, max_diff
-from min_pipeline import generate, load_pipeline, main, speed_up
+from fast_path import GraphLoop, speed_up
+from min_pipeline import generate, load_pipeline
 
-# The eager loop and the graph-ready loop on the same pipeline: pipe.graph_loop picks the loop (speed_up sets it).
+# The eager loop and the graph-ready loop on the same pipeline: pipe.fast_loop picks the loop (speed_up sets it).
 CASES = [
     ("euler", {}),
     ("euler", {"guidance_scale": 1.0}),  # no CFG batch
@@ -33,19 +35,22 @@ KW = dict(prompt=["a red fox in snow", "a cat"], negative_prompt="blurry", steps
           output_type="latent", progress=False)  # fmt: skip
 
 
+GRAPH_LOOP = GraphLoop()  # one for the module's pipeline: later calls reuse its buffers, refilled
+
+
 @pytest.fixture(scope="module")
 def pipe(tiny_model_dir):
     return load_pipeline(str(tiny_model_dir), device="cpu", dtype=torch.float32)
 
 
 def both_loops(pipe, **settings) -> tuple[torch.Tensor, torch.Tensor]:
-    pipe.graph_loop = False
+    pipe.fast_loop = None
     eager = generate(pipe, **settings)
-    pipe.graph_loop = True
+    pipe.fast_loop = GRAPH_LOOP
     try:
         return eager, generate(pipe, **settings)
     finally:
-        pipe.graph_loop = False
+        pipe.fast_loop = None
 
 
 @pytest.mark.parametrize("sampler,extra", CASES, ids=[f"{s}-{'-'.join(e) or 'plain'}" for s, e in CASES])
@@ -62,16 +67,16 @@ def test_graph_ready_loop_equals_eager_loop_img2img(pipe):
 
 
 def test_eager_loop_keeps_prompt_editing_and_callbacks(pipe):
-    """Prompt editing (two contexts over the steps) and callbacks take the eager loop even with graph_loop on."""
+    """Prompt editing (two contexts over the steps) and callbacks take the eager loop even with the graph loop on."""
     calls = []
     settings = {**KW, "prompt": "a [fox:cat:2] in snow", "scheduler": "euler", "seed": 2}
     eager, graphed = both_loops(pipe, **settings)
     assert torch.equal(graphed, eager)
-    pipe.graph_loop = True
+    pipe.fast_loop = GRAPH_LOOP
     try:
         generate(pipe, **settings, callback=calls.append)
     finally:
-        pipe.graph_loop = False
+        pipe.fast_loop = None
     assert len(calls) == KW["steps"]
 
 

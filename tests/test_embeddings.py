@@ -50,7 +50,8 @@ def test_conditioning_equals_diffusers_load_textual_inversion(tiny_model_dir, tm
     pipe, ref = ours(tiny_model_dir), reference(tiny_model_dir)
     file = write(tmp_path / f"emb-{fmt}.safetensors", n, fmt)
     plain = pipe.tokenizer(PROMPT)
-    assert load_embedding(pipe, file, token="<tok>") == ["<tok>"] + [f"<tok>_{i}" for i in range(1, n)]
+    names = load_embedding(pipe.tokenizer, pipe.text_encoder, file, token="<tok>")
+    assert names == ["<tok>"] + [f"<tok>_{i}" for i in range(1, n)]
     ref.load_textual_inversion(str(file), token="<tok>")
     # the ids: `<tok>` expands in place to its n new ids, twice; the rest of the prompt is as before
     got = pipe.tokenizer(PROMPT)
@@ -69,7 +70,8 @@ def test_conditioning_equals_diffusers_load_textual_inversion(tiny_model_dir, tm
 
 def test_token_defaults_to_file_stem_and_matches_case_insensitively(tiny_model_dir, tmp_path):
     pipe = ours(tiny_model_dir)
-    assert load_embedding(pipe, write(tmp_path / "MyStyle.safetensors", 2, "diffusers")) == ["MyStyle", "MyStyle_1"]
+    file = write(tmp_path / "MyStyle.safetensors", 2, "diffusers")
+    assert load_embedding(pipe.tokenizer, pipe.text_encoder, file) == ["MyStyle", "MyStyle_1"]
     for prompt in ("a cat, MyStyle", "a cat, mystyle", "a cat, MYSTYLE"):
         assert pipe.tokenizer.encode(prompt) == [49406, 320, 2368, 267, 49408, 49409, 49407], prompt
     # whole words only: a longer word that contains the name is plain text
@@ -83,7 +85,7 @@ def test_vectors_appended_as_a_new_table_in_the_text_encoder_dtype(tiny_model_di
     old = pipe.text_encoder.embeddings.token_embedding.weight
     before = old.clone()
     file = write(tmp_path / "<x>.safetensors", 3, "a1111", seed=3)
-    load_embedding(pipe, file)
+    load_embedding(pipe.tokenizer, pipe.text_encoder, file)
     new = pipe.text_encoder.embeddings.token_embedding.weight
     assert new.shape == (49408 + 3, WIDTH) and new.dtype == torch.float16 and not new.requires_grad
     assert torch.equal(old, before) and old.shape == before.shape  # the loaded tensor was not written to
@@ -95,7 +97,7 @@ def test_vectors_appended_as_a_new_table_in_the_text_encoder_dtype(tiny_model_di
 def test_negative_prompt_embedding_images_equal_diffusers(tiny_model_dir, tmp_path):
     pipe, ref = ours(tiny_model_dir), reference(tiny_model_dir)
     file = write(tmp_path / "bad.safetensors", 4, "a1111", seed=1)
-    load_embedding(pipe, file, token="<bad>")
+    load_embedding(pipe.tokenizer, pipe.text_encoder, file, token="<bad>")
     ref.load_textual_inversion(str(file), token="<bad>")
     settings = dict(height=40, width=24, steps=4, seed=7, scheduler="euler")
     got, want = run_both(pipe, ref, "a red fox in snow", "<bad>, blurry", **settings)
@@ -112,7 +114,7 @@ def test_an_embedding_at_a_window_edge_moves_whole_to_the_next_window(tiny_model
     its text encoder, weighted as A1111's "Original" emphasis."""
     pipe, ref = ours(tiny_model_dir), reference(tiny_model_dir)
     file = write(tmp_path / "emb.safetensors", 4, "a1111")
-    load_embedding(pipe, file, token="<tok>")
+    load_embedding(pipe.tokenizer, pipe.text_encoder, file, token="<tok>")
     ref.load_textual_inversion(str(file), token="<tok>")
     prompt = "fox " * before + "(<tok>:1.2) owl"
     fox, owl = (ref.tokenizer(w, add_special_tokens=False).input_ids for w in ("fox", "owl"))
@@ -146,14 +148,15 @@ def test_refuses_an_embedding_of_another_width(tiny_model_dir, tmp_path, width, 
     pipe = ours(tiny_model_dir)
     before = unchanged(pipe)
     with pytest.raises(WeightsError, match=message):
-        load_embedding(pipe, write(tmp_path / "wide.safetensors", 2, "a1111", width=width))
+        load_embedding(pipe.tokenizer, pipe.text_encoder, write(tmp_path / "wide.safetensors", 2, "a1111", width=width))
     assert unchanged(pipe) == before
 
 
 def test_refuses_an_sdxl_embedding_file(tiny_model_dir, tmp_path):
     save_file({"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)}, str(tmp_path / "xl.safetensors"))
     with pytest.raises(WeightsError, match="SDXL"):
-        load_embedding(ours(tiny_model_dir), tmp_path / "xl.safetensors")
+        pipe = ours(tiny_model_dir)
+        load_embedding(pipe.tokenizer, pipe.text_encoder, tmp_path / "xl.safetensors")
 
 
 def test_refuses_a_pickle(tiny_model_dir, tmp_path):
@@ -161,7 +164,7 @@ def test_refuses_a_pickle(tiny_model_dir, tmp_path):
     pipe = ours(tiny_model_dir)
     before = unchanged(pipe)
     with pytest.raises(WeightsError, match="pickle"):
-        load_embedding(pipe, tmp_path / "emb.pt")
+        load_embedding(pipe.tokenizer, pipe.text_encoder, tmp_path / "emb.pt")
     assert unchanged(pipe) == before
 
 
@@ -170,19 +173,20 @@ def test_refuses_a_token_already_in_the_vocabulary(tiny_model_dir, tmp_path, tok
     pipe = ours(tiny_model_dir)
     before = unchanged(pipe)
     with pytest.raises(ValueError, match="vocabulary|empty"):
-        load_embedding(pipe, write(tmp_path / "e.safetensors", 1, "a1111"), token=token)
+        load_embedding(pipe.tokenizer, pipe.text_encoder, write(tmp_path / "e.safetensors", 1, "a1111"), token=token)
     assert unchanged(pipe) == before
 
 
 def test_refuses_a_token_already_loaded(tiny_model_dir, tmp_path):
     pipe = ours(tiny_model_dir)
     for token in ("<a>", "<b>_1"):
-        load_embedding(pipe, write(tmp_path / "a.safetensors", 1, "a1111"), token=token)
+        load_embedding(pipe.tokenizer, pipe.text_encoder, write(tmp_path / "a.safetensors", 1, "a1111"), token=token)
     before = unchanged(pipe)
     # the same word in other case; a 3-vector `<b>` whose second slot `<b>_1` is taken
     for token, n in (("<A>", 1), ("<b>", 3)):
         with pytest.raises(ValueError, match="already added"):
-            load_embedding(pipe, write(tmp_path / "d.safetensors", n, "a1111"), token=token)
+            file = write(tmp_path / "d.safetensors", n, "a1111")
+            load_embedding(pipe.tokenizer, pipe.text_encoder, file, token=token)
         assert unchanged(pipe) == before
     assert pipe.tokenizer.encode("<a> <b>_1 <b>") == [49406, 49408, 49409, 283, 321, 285, 49407]
 
@@ -192,12 +196,13 @@ def test_cli_embeddings_dir_and_emphasis(tiny_model_dir, tmp_path):
     import numpy as np
     from PIL import Image
 
-    from min_pipeline import generate, main
+    from cli.main import main
+    from min_pipeline import generate
 
     (tmp_path / "emb").mkdir()
     write(tmp_path / "emb" / "badhands.safetensors", 2, "a1111")
     pipe = ours(tiny_model_dir)
-    load_embedding(pipe, tmp_path / "emb" / "badhands.safetensors")
+    load_embedding(pipe.tokenizer, pipe.text_encoder, tmp_path / "emb" / "badhands.safetensors")
     want = generate(pipe, "a fox", "(badhands:1.2)", steps=2, height=16, width=16, progress=False)[0]
     args = ["--model", str(tiny_model_dir), "--device", "cpu", "--quiet", "--steps", "2", "--height", "16"]
     args += ["--width", "16", "--prompt", "a fox", "--negative-prompt", "(badhands:1.2)", "--embeddings-dir"]

@@ -12,6 +12,7 @@ import torch
 from PIL import Image, ImageDraw
 from test_single_file import ldm_state, write
 
+from cli.main import main
 from conftest import (
     SD15_CONFIGS,
     TINY_TEXT_ENCODER,
@@ -24,7 +25,7 @@ from conftest import (
     save_component,
     with_scheduler,
 )
-from min_pipeline import generate, load_pipeline, main
+from min_pipeline import generate, load_pipeline
 
 PROMPT = "a red fox in snow"
 
@@ -131,7 +132,7 @@ def test_single_file_inpainting_checkpoint_equals_the_folder(inpaint_dir, tiny_m
 
 
 def test_cli_inpaints_and_records_the_mask_blur(inpaint_dir, tmp_path):
-    from min_pipeline import read_parameters
+    from cli.png_info import read_parameters
 
     photo(40, 24).save(tmp_path / "photo.png")
     mask(40, 24).save(tmp_path / "mask.png")

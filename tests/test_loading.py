@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import resources
 from models import ldm, loading
 from models.clip import CLIPTextConfig
 from models.loading import Model, WeightsError, load_component, load_model, load_safetensors, read_config, resolve_model
@@ -283,7 +284,7 @@ def test_release_pages_drops_mapped_weights_and_they_come_back_unchanged(tmp_pat
     module = mapped_module(tmp_path / "w.safetensors", values)
     assert torch.equal(module.w, values)  # reads every page: all resident
     before = rss_file_mib()
-    loading.release_pages(module)
+    resources.release_pages(module)
     released = before - rss_file_mib()
     assert released > 60, f"RssFile fell by {released:.1f} MiB, expected the 64 MiB tensor's pages"
     assert torch.equal(module.w, values), "the released pages came back different"
@@ -299,7 +300,7 @@ def test_release_pages_keeps_a_mapped_tensor_that_was_written_to(tmp_path):
     module = mapped_module(tmp_path / "w.safetensors", values)
     assert torch.equal(module.w, values)  # every page resident
     module.w[-1] = 7.0  # one page of 16384 written (an in-place edit a user might make)
-    loading.release_pages(module)
+    resources.release_pages(module)
     assert module.w[-1].item() == 7.0
     torch.testing.assert_close(module.w[:-1], values[:-1], rtol=0, atol=0)
 
@@ -307,5 +308,5 @@ def test_release_pages_keeps_a_mapped_tensor_that_was_written_to(tmp_path):
 def test_release_pages_leaves_ordinary_memory_alone():
     module = torch.nn.Linear(4096, 4096)  # 64 MiB in ordinary (anonymous) memory
     copy = module.weight.detach().clone()
-    loading.release_pages(module)
+    resources.release_pages(module)
     torch.testing.assert_close(module.weight.detach(), copy, rtol=0, atol=0)

@@ -10,6 +10,7 @@ their Tucker form, Diffusers/PEFT with its header metadata, and the older Diffus
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections import Counter
 
@@ -25,7 +26,7 @@ from conftest import assert_images_close, max_diff, run_both, with_scheduler
 from min_pipeline import load_pipeline
 from models import ldm
 from models.loading import WeightsError
-from models.lora import apply_lora, ldm_name, remove_loras
+from models.lora import MAX_NAME, apply_lora, ldm_name, remove_loras
 
 pytest.importorskip("peft")
 RANK = 4
@@ -251,7 +252,8 @@ def test_merged_weights_equal_the_lora_forward(tiny_model_dir, tmp_path, fmt):
     pipe = ours(tiny_model_dir)
     lora = format_lora(fmt, pipe, seed=1)
     before = {k: v.clone() for k, v in weights(pipe).items()}
-    assert apply_lora(pipe, write_format(fmt, tiny_model_dir, pipe, lora, tmp_path / "x.safetensors"), 0.8) == len(lora)
+    file = write_format(fmt, tiny_model_dir, pipe, lora, tmp_path / "x.safetensors")
+    assert apply_lora(pipe.unet, pipe.text_encoder, file, 0.8) == len(lora)
     assert_merged_like_forward(pipe, before, lora, 0.8)
 
 
@@ -262,7 +264,7 @@ def test_merged_weights_equal_diffusers_fuse_lora(tiny_model_dir, tmp_path, fmt)
     if fmt == "kohya-ldm":
         lora = {k: v for k, v in lora.items() if k[1] not in DIFFUSERS_MISNAMES}
     file = write_format(fmt, tiny_model_dir, pipe, lora, tmp_path / "x.safetensors")
-    apply_lora(pipe, file, 0.8)
+    apply_lora(pipe.unet, pipe.text_encoder, file, 0.8)
     if fmt == "kohya-ldm":  # Diffusers' SD 1.5 loader never maps LDM names; its SDXL loader's mapper does
         from diffusers.loaders.lora_conversion_utils import _maybe_map_sgm_blocks_to_diffusers
         from safetensors.torch import load_file
@@ -278,7 +280,8 @@ def test_locon_tucker_and_flat_1x1_equal_the_lora_forward(tiny_model_dir, tmp_pa
     lora = random_lora(pipe, layers(pipe, nn.Conv2d), seed=3, tucker=True, flat_1x1=True)
     assert any("mid" in p for p in lora.values()) and any(p["down"].ndim == 2 for p in lora.values())
     before = {k: v.clone() for k, v in weights(pipe).items()}
-    apply_lora(pipe, write(tmp_path / "x.safetensors", kohya(lora, ldm_layer_names(tiny_model_dir))), -1.3)
+    file = write(tmp_path / "x.safetensors", kohya(lora, ldm_layer_names(tiny_model_dir)))
+    apply_lora(pipe.unet, pipe.text_encoder, file, -1.3)
     assert_merged_like_forward(pipe, before, lora, -1.3)
 
 
@@ -310,7 +313,8 @@ def test_half_precision_rounds_once(tiny_model_dir, tmp_path, dtype):
     pipe = ours(tiny_model_dir, dtype)
     lora = random_lora(pipe, layers(pipe, only="attn"), seed=4)
     before = weights(pipe)
-    apply_lora(pipe, write(tmp_path / "x.safetensors", {k: v.half() for k, v in kohya(lora).items()}), 0.6)
+    file = write(tmp_path / "x.safetensors", {k: v.half() for k, v in kohya(lora).items()})
+    apply_lora(pipe.unet, pipe.text_encoder, file, 0.6)
     after = weights(pipe)
     half_ulp = torch.finfo(dtype).eps / 2 * (1 + 1e-3)  # (1 + 1e-3): float32's own rounding of the sum
     for (net, layer), parts in lora.items():
@@ -328,7 +332,7 @@ def test_half_precision_rounds_once(tiny_model_dir, tmp_path, dtype):
 def test_images_equal_fused_diffusers(tiny_model_dir, tmp_path):
     pipe = ours(tiny_model_dir)
     file = write(tmp_path / "x.safetensors", kohya(random_lora(pipe, layers(pipe), seed=5, varied=False)))
-    apply_lora(pipe, file, 0.9)
+    apply_lora(pipe.unet, pipe.text_encoder, file, 0.9)
     got, want = run_both(pipe, fused_reference(tiny_model_dir, [file], [0.9]), "a red fox in snow", "blurry",
                          height=40, width=24, steps=4, seed=7, scheduler="euler")  # fmt: skip
     assert_images_close(got, want, atol=1e-4)
@@ -341,8 +345,8 @@ def test_two_loras_stack(tiny_model_dir, tmp_path):
     pipe = ours(tiny_model_dir)
     first = write(tmp_path / "a.safetensors", kohya(random_lora(pipe, layers(pipe), seed=6, varied=False)))
     second = write(tmp_path / "b.safetensors", *peft(format_lora("peft", pipe, 7, for_diffusers=True)))
-    apply_lora(pipe, first, 0.7)
-    apply_lora(pipe, second, -0.4)
+    apply_lora(pipe.unet, pipe.text_encoder, first, 0.7)
+    apply_lora(pipe.unet, pipe.text_encoder, second, -0.4)
     assert_weights_equal_reference(pipe, fused_reference(tiny_model_dir, [first, second], [0.7, -0.4]))
 
 
@@ -351,16 +355,15 @@ def test_remove_loras_gives_back_the_exact_weights(tiny_model_dir, tmp_path):
     before = {k: v.clone() for k, v in weights(pipe).items()}
     tensors = {k: v.data_ptr() for k, v in weights(pipe).items()}
     for seed, strength in [(8, 0.7), (9, -0.4)]:
-        apply_lora(
-            pipe, write(tmp_path / f"{seed}.safetensors", kohya(random_lora(pipe, layers(pipe), seed))), strength
-        )
+        file = write(tmp_path / f"{seed}.safetensors", kohya(random_lora(pipe, layers(pipe), seed)))
+        apply_lora(pipe.unet, pipe.text_encoder, file, strength)
     assert sum(not torch.equal(v, before[k]) for k, v in weights(pipe).items()) > 100
-    remove_loras(pipe)
+    remove_loras(pipe.unet, pipe.text_encoder)
     after = weights(pipe)
     assert all(torch.equal(after[k], before[k]) for k in before)  # bit for bit
     assert {k: v.data_ptr() for k, v in after.items()} == tensors  # the loaded tensors themselves, no copies kept
     assert not pipe.unet.lora_originals and not pipe.text_encoder.lora_originals
-    remove_loras(pipe)  # nothing applied: nothing to do
+    remove_loras(pipe.unet, pipe.text_encoder)  # nothing applied: nothing to do
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -395,7 +398,7 @@ def test_a_file_for_another_model_is_refused_whole(tiny_model_dir, tmp_path, cas
     state, message = refused_file(pipe, case)
     before = {k: v.clone() for k, v in weights(pipe).items()}
     with pytest.raises(WeightsError, match="does not fit this SD 1.5 model, nothing applied") as error:
-        apply_lora(pipe, write(tmp_path / "x.safetensors", state), 1.0)
+        apply_lora(pipe.unet, pipe.text_encoder, write(tmp_path / "x.safetensors", state), 1.0)
     assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
     assert all(torch.equal(v, before[k]) for k, v in weights(pipe).items())  # nothing half applied
 
@@ -404,7 +407,106 @@ def test_a_pickle_is_refused(tiny_model_dir, tmp_path):
     pipe = ours(tiny_model_dir)
     torch.save(kohya(random_lora(pipe, layers(pipe, only="to_q"), 0)), tmp_path / "x.pt")
     with pytest.raises(WeightsError, match="pickles, which can run arbitrary code"):
-        apply_lora(pipe, tmp_path / "x.pt")
+        apply_lora(pipe.unet, pipe.text_encoder, tmp_path / "x.pt")
+
+
+class GuardedRe:
+    """`re` for models.lora that fails the test where a file's crafted text reaches it as a pattern, or a name longer
+    than MAX_NAME as the string searched: a catastrophic or quadratic match would hang the test instead."""
+
+    def __init__(self, crafted: list[str]):
+        self.crafted = crafted
+
+    def __getattr__(self, name: str):
+        def guarded(pattern, *args, **kwargs):
+            assert not any(c in str(pattern) for c in self.crafted), f"re.{name} got the file's {pattern!r:.80}"
+            assert all(len(a) <= MAX_NAME for a in args if isinstance(a, str)), f"re.{name} got a long name"
+            return getattr(re, name)(pattern, *args, **kwargs)
+
+        return guarded
+
+
+def queries(pipe) -> list[tuple[str, str]]:
+    return [(net, layer) for net, layer in layers(pipe) if layer.endswith(("to_q", "q_proj"))]
+
+
+CATASTROPHIC = ["(a+)+$", "([\\w.]+)+z"]  # exponential backtracking against a long (layer) name
+
+
+def hostile_file(pipe, case: str) -> tuple[dict, dict, str]:
+    """A crafted PEFT file on every query projection (issue 23): (tensors, header metadata, what the one-line error
+    says)."""
+    state, metadata = peft(no_alpha(random_lora(pipe, queries(pipe), 0)))  # alphas in the header
+
+    def header(**changes) -> dict:  # the PEFT metadata with some entries replaced
+        return {"lora_adapter_metadata": json.dumps(json.loads(metadata["lora_adapter_metadata"]) | changes)}
+
+    down = next(k for k in state if k.endswith(".lora_A.weight"))
+    up = down.replace("lora_A", "lora_B")
+    long_name = "attn2_to_k" * 100_000 + ".lora_A.weight"
+    cases = {
+        "catastrophic alpha_pattern": (state, header(**{"unet.alpha_pattern": dict.fromkeys(CATASTROPHIC, 2)}),
+                                       "alpha_pattern key '(a+)+$' is not a layer name"),
+        "alpha_pattern re.error": (state, header(**{"text_encoder.alpha_pattern": {"(": 3}}),
+                                   "text_encoder.alpha_pattern key '(' is not a layer name"),
+        "1 MB tensor name": (state | {long_name: torch.zeros(1, 1)}, metadata, "a tensor name of 1000014 characters"),
+        "rank 0": (state | {down: torch.zeros(0, state[down].shape[1]), up: torch.zeros(state[up].shape[0], 0)},
+                   metadata, "has rank 0"),
+        "metadata a JSON list": (state, {"lora_adapter_metadata": "[1, 2]"}, "metadata is a JSON list, not an object"),
+        "metadata not JSON": (state, {"lora_adapter_metadata": "{'r': 4"}, "metadata is not valid JSON"),
+        "metadata nested 100,000 deep": (state, {"lora_adapter_metadata": "[" * 100_000 + "]" * 100_000},
+                                         "metadata is not valid JSON"),
+        "lora_alpha a string": (state, header(**{"unet.lora_alpha": "abc"}), "unet.lora_alpha is 'abc', not a finite"),
+        "lora_alpha a bool": (state, header(**{"text_encoder.lora_alpha": True}), "lora_alpha is True, not a finite"),
+        "lora_alpha NaN": (state, header(**{"unet.lora_alpha": float("nan")}), "unet.lora_alpha is nan, not a finite"),
+        "alpha_pattern value null": (state, header(**{"unet.alpha_pattern": {"to_q": None}}), "to_q is None, not a"),
+        "lora_alpha 1e308": (state, header(**{"unet.lora_alpha": 1e308}), "gets non-finite weights"),
+        "Kohya alpha inf": (kohya(random_lora(pipe, queries(pipe), 0, varied=False)) | {
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha": torch.tensor(float("inf"))}, {},
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj has alpha inf, not a finite number"),
+        "NaN weights": (state | {down: torch.full_like(state[down], float("nan"))}, metadata, "non-finite weights"),
+        "int64 weights": (state | {down: state[down].to(torch.int64)}, metadata, f"{down} is int64; LoRA weights"),
+        "bool weights": (state | {up: state[up] > 0}, metadata, f"{up} is bool; LoRA weights are floating point"),
+    }  # fmt: skip
+    return cases[case]
+
+
+@pytest.mark.parametrize("case", [
+    "catastrophic alpha_pattern", "alpha_pattern re.error", "1 MB tensor name", "rank 0", "metadata a JSON list",
+    "metadata not JSON", "metadata nested 100,000 deep", "lora_alpha a string", "lora_alpha a bool", "lora_alpha NaN",
+    "alpha_pattern value null", "lora_alpha 1e308", "Kohya alpha inf", "NaN weights", "int64 weights", "bool weights",
+])  # fmt: skip
+def test_a_crafted_file_is_one_line_error_not_a_hang_or_traceback(tiny_model_dir, tmp_path, monkeypatch, case):
+    """Issue 23: hostile LoRA files (header patterns, names, ranks, alphas and dtypes) are refused whole with a
+    WeightsError naming the file; no pattern from a file and no over-long name ever reaches `re`."""
+    pipe = ours(tiny_model_dir)
+    state, metadata, message = hostile_file(pipe, case)
+    path = write(tmp_path / "crafted.safetensors", state, metadata)
+    before = {k: v.clone() for k, v in weights(pipe).items()}
+    monkeypatch.setattr("models.lora.re", GuardedRe(CATASTROPHIC))
+    with pytest.raises(WeightsError) as error:
+        apply_lora(pipe.unet, pipe.text_encoder, path, 0.8)
+    text = str(error.value)
+    assert message in text and str(path) in text and "\n" not in text and len(text) < 400, text
+    assert all(torch.equal(v, before[k]) for k, v in weights(pipe).items())  # nothing half applied
+
+
+def test_peft_alpha_pattern_matches_as_peft_does(tiny_model_dir, tmp_path):
+    """PEFT's get_pattern_key, read as plain names: a key is the layer's name or its end after a dot (`to_q` fits
+    `...attn1.to_q`, not `...attn1.xto_q`), and the first such key in the file's order wins."""
+    pipe = ours(tiny_model_dir)
+    lora = no_alpha(random_lora(pipe, queries(pipe), 0))
+    state, metadata = peft(lora)
+    layer = next(layer for net, layer in lora if net == "unet" and "attn2" in layer)
+    patterns = {"o_q": 100.0, "attn2.to_q": 3.0, "to_q": 5.0, layer: 7.0}  # `o_q` is no name's end after a dot
+    config = json.loads(metadata["lora_adapter_metadata"]) | {"unet.lora_alpha": 1.0, "unet.alpha_pattern": patterns}
+    for (net, name), parts in lora.items():
+        if net == "unet":  # the text encoder's layers keep the writer's alphas: their ranks
+            parts["alpha"] = torch.tensor(3.0 if "attn2" in name else 5.0)
+    before = {k: v.clone() for k, v in weights(pipe).items()}
+    metadata = {"lora_adapter_metadata": json.dumps(config)}
+    apply_lora(pipe.unet, pipe.text_encoder, write(tmp_path / "x.safetensors", state, metadata), 0.8)
+    assert_merged_like_forward(pipe, before, lora, 0.8)
 
 
 # ----------------------------------------------------------------------------- true size
@@ -433,7 +535,7 @@ def test_sd15_size_formats_equal_diffusers_fuse_lora(sd15_model_dir, tmp_path):
             lora |= random_lora(pipe, [t for t in targets if t[0] == "unet"], seed=20 + i)
         lora = no_alpha(lora) if fmt == "old-diffusers" else lora
         file = write_format(fmt, sd15_model_dir, pipe, lora, tmp_path / f"{fmt}.safetensors")
-        apply_lora(pipe, file, 0.75)
+        apply_lora(pipe.unet, pipe.text_encoder, file, 0.75)
         got = {k: v.clone() for k, v in weights(pipe).items() if k in originals}
         assert sum(not torch.equal(v, originals[k]) for k, v in got.items()) == len(lora)
         if fmt == "kohya-ldm":  # Diffusers' SD 1.5 loader never maps LDM names; its SDXL loader's mapper does
@@ -452,7 +554,7 @@ def test_sd15_size_formats_equal_diffusers_fuse_lora(sd15_model_dir, tmp_path):
         if fmt == "kohya":  # and the image: a Civitai-style file changes it as Diffusers' fused pipeline does
             images = run_both(pipe, ref, "a red fox in snow", "blurry", height=256, width=256, steps=2, seed=3)
             assert_images_close(*images, atol=1e-4)
-        remove_loras(pipe)
+        remove_loras(pipe.unet, pipe.text_encoder)
         for k, v in originals.items():
             want[k].copy_(v)
 
@@ -466,7 +568,8 @@ def test_sd15_size_formats_merge_like_the_lora_forward(sd15_model_dir, tmp_path,
     lora = random_lora(pipe, [(n, layer) for n, layer in layers(pipe, kinds) if layer in SD15_PICKS], seed=11)
     lora = no_alpha(lora) if fmt == "old-diffusers" else lora  # that format stores no alpha
     touched = {f"{net}.{layer}.weight": getattr(pipe, net).get_submodule(layer).weight.clone() for net, layer in lora}
-    apply_lora(pipe, write_format(fmt, sd15_model_dir, pipe, lora, tmp_path / "x.safetensors"), 0.6)
+    file = write_format(fmt, sd15_model_dir, pipe, lora, tmp_path / "x.safetensors")
+    apply_lora(pipe.unet, pipe.text_encoder, file, 0.6)
     assert_merged_like_forward(pipe, {**weights(pipe), **touched}, lora, 0.6)
 
 
@@ -475,13 +578,15 @@ def test_cli_lora_option_and_prompt_tag(tiny_model_dir, tmp_path, capsys):
     encoded, kept in the PNG) both merge the file: the image equals apply_lora + generate through the API."""
     from PIL import Image
 
-    from min_pipeline import apply_lora, generate, main, read_parameters
+    from cli.main import main
+    from cli.png_info import read_parameters
+    from min_pipeline import generate
 
     pipe = ours(tiny_model_dir)
     (tmp_path / "loras").mkdir()
     path = tmp_path / "loras" / "fox.safetensors"
     write_format("kohya", tiny_model_dir, pipe, format_lora("kohya", pipe, seed=5), path)
-    apply_lora(pipe, path, 0.7)
+    apply_lora(pipe.unet, pipe.text_encoder, path, 0.7)
     want = np.asarray(generate(pipe, "a fox", steps=2, height=16, width=16, progress=False)[0])
     base = ["--model", str(tiny_model_dir), *"--device cpu --quiet --steps 2 --height 16 --width 16".split()]
     runs = {"option": ["--prompt", "a fox", "--lora", f"{path}:0.7"],
@@ -505,7 +610,7 @@ def test_civitai_lora_tag_and_negative_embedding_change_the_image_as_diffusers(t
     round differently) and differs from the image without them."""
     from PIL import Image
 
-    from min_pipeline import main
+    from cli.main import main
 
     pipe = ours(tiny_model_dir)
     for folder in ("loras", "embeddings"):

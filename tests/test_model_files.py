@@ -17,8 +17,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cli.main import main
 from conftest import SD15_CONFIGS, TINY_TEXT_ENCODER, TINY_UNET, TINY_VAE, official_config
-from min_pipeline import main
 from models import loading
 from models.clip import CLIPTextConfig
 from models.loading import DEFAULT_MODEL, WeightsError, load_model, read_config, resolve_model

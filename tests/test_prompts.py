@@ -97,7 +97,7 @@ def test_sd15_conditioning_matches_the_a1111_rules(sd15_model_dir):
 
 def test_plain_prompt_conditioning_is_unchanged(tiny):
     ours, _ = tiny
-    from min_pipeline import Settings
+    from settings import Settings
 
     s = Settings(steps=4)
     [(_, a1111)] = conditioning(ours, ["a red fox", "an owl"], ["", "blurry"], s, True, "a1111")

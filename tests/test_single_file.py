@@ -18,8 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from cli.main import main
 from conftest import DIFFUSERS_SCHEDULERS, assert_images_close, max_diff, with_scheduler
-from min_pipeline import generate, load_pipeline, main
+from min_pipeline import generate, load_pipeline
 from models import ldm
 from models.loading import WeightsError, load_component, load_model, load_safetensors, load_single_file, read_config
 from models.unet import UNetConfig

@@ -154,6 +154,46 @@ def test_decode_matches_transformers(ours, hf):
     assert ours.decode(ours("A Photo of a Cat!")[0]) == "a photo of a cat !"
 
 
+# ------------------------------------------------------------------------------------------- long words
+class CountingRanks(dict):
+    """The merge ranks, counting every look-up: the work BPE does, measured without a clock."""
+
+    lookups = 0
+
+    def get(self, key, default=None):
+        self.lookups += 1
+        return super().get(key, default)
+
+    def __getitem__(self, key):
+        self.lookups += 1
+        return super().__getitem__(key)
+
+    def __contains__(self, key):
+        self.lookups += 1
+        return super().__contains__(key)
+
+
+@pytest.mark.parametrize("alphabet", ["x", "ab", "abcdefghijklmnopqrstuvwxyz", "😀é中"])
+def test_bpe_work_grows_linearly_with_the_words_length(alphabet):
+    """Hostile input (issue 23): a word of n bytes costs at most 6n merge-rank look-ups (n - 1 pairs queued; each merge
+    checks the pair it pops and queues two; every queued pair is popped once), not the n^2 / 2 of rescanning every
+    pair after each merge, which took 21 s for one 16,000-letter word. Counted, not timed."""
+    rng = random.Random(0)
+    word = "".join(rng.choice(alphabet) for _ in range(2000))
+    tok = CLIPTokenizer()
+    tok.ranks = CountingRanks(tok.ranks)
+    assert len(tok.encode(word)) > 2
+    assert tok.ranks.lookups <= 6 * len(word.encode()), tok.ranks.lookups
+
+
+def test_a_100000_letter_word_matches_transformers(ours, hf):
+    """The fast merge loop is exact, on words far longer than any prompt's (about a second each)."""
+    rng = random.Random(0)
+    word = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(100_000))
+    for text in (word, "a photo of " + "x" * 100_000 + " cat"):
+        assert ours.encode(text) == hf(text).input_ids
+
+
 # ------------------------------------------------------------------- where OpenAI and transformers differ
 def openai_clean(text: str) -> str:
     """OpenAI CLIP's text cleanup (simple_tokenizer.py: basic_clean, whitespace_clean, lower)."""

@@ -139,6 +139,6 @@ def test_generate_with_vae_tiling_matches_diffusers_enable_tiling(tiny_model_dir
                generator=torch.Generator().manual_seed(0)).images  # fmt: skip
     assert_images_close(got, want, atol=1e-4)
     assert not np.array_equal(got, generate(ours, "a fox", **kwargs))  # tiling really happened
-    monkeypatch.setattr("min_pipeline.available_bytes", lambda device: 2_200_000)  # fits the UNet, not the VAE
+    monkeypatch.setattr("resources.available_bytes", lambda device: 2_200_000)  # fits the UNet, not the VAE
     with pytest.warns(UserWarning, match="decoding in tiles"):
         assert np.array_equal(generate(ours, "a fox", **kwargs), got)

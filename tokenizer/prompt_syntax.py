@@ -24,6 +24,15 @@ ATTENTION = re.compile(r"\\(?P<esc>[()\[\]\\]?)|(?P<open>[(\[])|:\s*(?P<weight>[
 BREAK = re.compile(r"\s*\bBREAK\b\s*")  # a whole word, spaces around it dropped
 
 
+LORA_TAG = re.compile(r"<lora:([^:<>]+)(?::([^:<>]*))?[^<>]*>")  # A1111's <lora:NAME:WEIGHT> (more fields ignored)
+
+
+def lora_tags(text: str) -> tuple[list[tuple[str, str]], str]:
+    """A1111's extra-network tags: the prompt's [(NAME, WEIGHT or "")] and the prompt without them (the CLI merges
+    the files NAME.safetensors at WEIGHT, default 1; CLIP never sees the tags)."""
+    return LORA_TAG.findall(text), LORA_TAG.sub("", text)
+
+
 def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     """[(text, weight)], adjacent equal weights merged, ('BREAK', -1.0) for each BREAK. Brackets still open at
     the end apply to the rest of the prompt; a closing bracket with none open is text."""

@@ -1,0 +1,128 @@
+"""Input images -> tensors, as Diffusers' VaeImageProcessor prepares them: init images and inpainting masks.
+
+Files are opened lazily and their size checked before their pixels are decoded, so a huge or decompression-bomb
+file is refused, not allocated. `Inpainting` is inpainting's one seam into generate()'s sampling loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+from torch import Tensor
+
+import scheduler as sampling
+from settings import MAX_SIZE, UserError
+
+
+def open_image(image: Image.Image | str | Path, what: str = "init image") -> Image.Image:
+    """A PIL image, or an image file read lazily: its size is checked before its pixels are decoded (a huge or
+    decompression-bomb file is refused, not allocated). 8 bits per channel, in the image's own mode."""
+    if isinstance(image, Image.Image):
+        check_image_size(image, what)
+        return to_8bit(image)
+    try:
+        with Image.open(image) as file:
+            check_image_size(file, what)
+            file.load()
+            return to_8bit(file)
+    except UserError:
+        raise
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise UserError(f"cannot read {what} {image}: {e}") from None
+
+
+def check_image_size(image: Image.Image, what: str) -> None:
+    if max(image.size) > MAX_SIZE:
+        w, h = image.size
+        raise UserError(f"{what} is {w}x{h}: larger than {MAX_SIZE} pixels per side; downscale it first")
+
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit greyscale (modes I;16, I) scaled from 0..65535 and float images (mode F) from 0..1 (or 0..255 if
+    their values exceed 1) to 8-bit L, instead of being clipped at 255; other modes as they are."""
+    if image.mode.startswith("I") or image.mode == "F":
+        a = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if image.mode.startswith("I") else (1.0 if a.size == 0 or a.max() <= 1.0 else 255.0)
+        image = Image.fromarray((a / top * 255.0).clip(0, 255).round().astype(np.uint8), mode="L")
+    return image
+
+
+def image_to_tensor(image: Image.Image | str | Path, multiple: int) -> Tensor:
+    """An init image -> (1, 3, H, W) in [-1, 1], its size cut down to a multiple of the VAE factor (Lanczos
+    resize), as Diffusers' VaeImageProcessor does."""
+    image = open_image(image).convert("RGB")
+    w, h = (s - s % multiple for s in image.size)
+    if w == 0 or h == 0:
+        raise UserError(f"init image is {image.size[0]}x{image.size[1]}: smaller than {multiple} pixels")
+    if (w, h) != image.size:
+        image = image.resize((w, h), resample=Image.LANCZOS)
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
+    return 2.0 * x - 1.0
+
+
+def mask_to_tensor(mask: Image.Image | str | Path, size: tuple[int, int], blur: int) -> tuple[Tensor, Tensor]:
+    """An inpainting mask (white = repaint, black = keep; any mode) at the image's size `size` = (W, H), as
+    Diffusers' mask processor makes it: optional Gaussian blur (`VaeImageProcessor.blur`), Lanczos resize in the
+    mask's own mode, then greyscale, then binarised at 0.5. Returns the binary (1, 1, H, W) mask and the soft one
+    (blurred, not binarised) that --mask-keep-pixels blends with."""
+    mask = open_image(mask, "mask image")
+    if blur:
+        mask = mask.filter(ImageFilter.GaussianBlur(blur))
+    mask = mask.resize(size, resample=Image.LANCZOS).convert("L")
+    soft = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
+    return (soft >= 0.5).float(), soft
+
+
+@dataclass(frozen=True)
+class Inpainting:
+    """Inpainting as Diffusers' StableDiffusionInpaintPipeline does it, joining the loop at three points: a 9-channel
+    inpainting UNet also sees the mask and the masked image's latents (`unet_input`); with an ordinary model, after
+    every step the kept part is reset to the original noised to the next call's level (`after_step`); at the end the
+    original pixels may be pasted back through the mask's soft edge (`paste_back`)."""
+
+    image: Tensor  # (1, 3, H, W) the init image in [-1, 1]
+    pixel_mask: Tensor  # (1, 1, H, W) 1 = repaint, 0 = keep
+    soft_mask: Tensor  # (1, 1, H, W) the blurred mask before binarising
+    keep_pixels: bool
+    mask: Tensor | None = None  # (N, 1, h, w) the mask at latent size (nearest), set by at_latents
+    extra: Tensor | None = None  # 9-channel UNet: mask and masked-image latents, its 5 extra input channels
+    known: Tensor | None = None  # ordinary model: the original's latents, x_0 of the part to keep
+    noise: Tensor | None = None  # the starting noise, with which `known` is re-noised
+
+    @classmethod
+    def read(cls, mask_image, image: Tensor, blur: int, keep_pixels: bool) -> Inpainting:
+        pixel_mask, soft_mask = mask_to_tensor(mask_image, (image.shape[3], image.shape[2]), blur)
+        return cls(image, pixel_mask, soft_mask, keep_pixels)
+
+    def masked_image(self) -> Tensor:
+        return self.image * (self.pixel_mask < 0.5)  # the part to repaint grey (0)
+
+    def at_latents(self, x: Tensor, known: Tensor | None, noise: Tensor, masked: Tensor | None, cfg: bool):
+        """Ready for a loop over latents like x: with `masked` (the masked image's latents) for an inpainting UNet,
+        else with the original's latents `known` and the starting `noise` that re-noises them."""
+        mask = torch.nn.functional.interpolate(self.pixel_mask, size=x.shape[2:]).to(x.device, x.dtype)
+        mask = mask.expand(len(x), -1, -1, -1)
+        extra = None if masked is None else torch.cat([mask, masked], dim=1)
+        extra = torch.cat([extra, extra]) if cfg and extra is not None else extra
+        return replace(self, mask=mask, extra=extra, known=known, noise=noise)
+
+    def unet_input(self, x_in: Tensor) -> Tensor:
+        return x_in if self.extra is None else torch.cat([x_in, self.extra], dim=1)
+
+    def after_step(self, schedule: sampling.Schedule, i: int, x: Tensor) -> Tensor:
+        if self.extra is not None:  # the inpainting UNet repaints only the mask by itself
+            return x
+        last = i + 1 == len(schedule.timesteps)  # keep the unmasked part: the original at the next call's level
+        known = self.known if last else sampling.add_noise(schedule, self.known, self.noise, i + 1)
+        return (1 - self.mask) * known + self.mask * x
+
+    def paste_back(self, images: Tensor) -> Tensor:
+        """Decoded (N, H, W, 3) pixels in [0, 1] with the original's outside the mask, blended through its soft edge."""
+        if not self.keep_pixels:
+            return images
+        alpha = self.soft_mask.permute(0, 2, 3, 1)
+        return alpha * images + (1 - alpha) * ((self.image + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1)

@@ -1,0 +1,184 @@
+"""The machine under a run: which device, whether a run fits in its memory and time, and how the process uses memory.
+
+Nothing here changes an image. The driver asks `choose_tiling` and `check_cost` before any work (a run that cannot
+fit or finish is refused with the estimate, a long one announced) and, on the CPU, hands memory back with `trim_heap`
+and `release_pages` once it is done with a network; the CLI calls `tune_malloc` once. Figures: bench/README.md.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import re
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from settings import UserError
+
+MAX_STEP_SECONDS = 3600  # a longer UNet step cannot be interrupted (Ctrl-C waits for the kernel) nor, in practice, end
+# Rough counts behind the estimates, per latent position (token) and per C^2 (C: a level's channels).
+CONV3X3_FLOPS = 18  # a 3x3 convolution: 9 multiply-adds
+TRANSFORMER_FLOPS = 88  # a transformer block's projections and GEGLU feed-forward (a generous count)
+FEED_FORWARD_WIDTH = 12  # activations per token of GEGLU's feed-forward, in C: the 8 C projection and its 4 C product
+VAE_FULL_SIZE_TENSORS = 8  # the VAE decoder's working set: about 8 tensors of its widest level at full size
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """The device named, checked to exist here (a UserError otherwise), or the first available of cuda, mps, cpu."""
+    if not name:
+        return torch.device(
+            "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+        )
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use cuda, cuda:N, mps or cpu") from None
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count(),
+        "mps": torch.backends.mps.is_available(),
+    }
+    if not available.get(device.type, False):
+        raise UserError(f"device {name!r} is not available on this machine; use --device cpu")
+    return device
+
+
+# ----------------------------------------------------------------------------- what a run will cost
+
+
+def unet_flops(cfg, h: int, w: int) -> float:
+    """Floating-point operations of one UNet call on one (h, w) latent, roughly: the ResNets' 3x3 convs and, at
+    the levels with attention, the transformers (projections and GEGLU feed-forward, and self-attention's
+    Q K^T and A V, 4 T^2 C for T = h w tokens: the term that explodes at large sizes)."""
+    n, total = cfg.layers_per_block, 0.0
+    levels = len(cfg.block_out_channels)
+    for i, (c, kind) in enumerate(zip(cfg.block_out_channels, cfg.down_block_types, strict=True)):
+        t = (h >> i) * (w >> i)
+        total += (2 * n + 1) * 2 * CONV3X3_FLOPS * c * c * t  # n down + n+1 up ResNets, two 3x3 convs each
+        if kind.startswith("CrossAttn"):
+            total += (2 * n + 1) * (TRANSFORMER_FLOPS * c * c * t + 4 * t * t * c)
+    c, t = cfg.block_out_channels[-1], (h >> levels - 1) * (w >> levels - 1)
+    mid = 2 * 2 * CONV3X3_FLOPS * c * c * t + TRANSFORMER_FLOPS * c * c * t + 4 * t * t * c  # 2 ResNets, 1 transformer
+    return total + mid
+
+
+@functools.cache
+def cpu_flops_per_second() -> float:
+    """This CPU's speed on a UNet-sized 3x3 convolution, best of two (about 0.2 s, once per process)."""
+    conv, x, times = torch.nn.Conv2d(320, 320, 3, padding=1), torch.randn(1, 320, 48, 48), []
+    with torch.inference_mode():
+        for _ in range(3):
+            start = time.perf_counter()
+            conv(x)
+            times.append(time.perf_counter() - start)
+    return CONV3X3_FLOPS * 320 * 320 * 48 * 48 / max(min(times[1:]), 1e-6)
+
+
+def available_bytes(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:  # Linux: what can be allocated without swapping, page cache included
+        meminfo = Path("/proc/meminfo").read_text()
+        return int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo).group(1)) * 1024
+    except (OSError, AttributeError):
+        return None
+
+
+def vae_bytes(vae, dtype: torch.dtype, pixels: int) -> int:
+    return VAE_FULL_SIZE_TENSORS * vae.config.block_out_channels[0] * pixels * torch.finfo(dtype).bits // 8
+
+
+def choose_tiling(pipe, asked: bool, size: tuple[int, int]) -> bool:
+    """Whether the VAE runs in tiles at this image size (H, W): when asked and the size exceeds one tile, or, with a
+    warning, when an untiled pass would not fit in free memory."""
+    free, needs = available_bytes(pipe.device), pipe.vae.needs_tiling(*size)
+    if asked or not needs or free is None or vae_bytes(pipe.vae, pipe.vae_dtype, size[0] * size[1]) <= free:
+        return asked and needs
+    gb = vae_bytes(pipe.vae, pipe.vae_dtype, size[0] * size[1]) / 2**30
+    warnings.warn(f"an untiled VAE pass at {size[1]}x{size[0]} needs about {gb:.1f} GB, {free / 2**30:.1f} GB "
+                  "is free: decoding in tiles (--vae-tiling)", stacklevel=3)  # fmt: skip
+    return True
+
+
+def check_cost(pipe, batch: int, size: tuple[int, int], calls: int, tiled: bool) -> None:
+    """Refuse, before any work and with the estimate, a run that cannot fit in memory or cannot finish; warn about a
+    long one. Memory: the largest working set of the UNet (the skip activations and the first level's feed-forward)
+    or of one image's VAE decode (at tile size when tiled); attention needs O(T) memory with PyTorch's fused kernels.
+    Time (CPU only): FLOPs / measured speed. `size` is the image's (H, W), `batch` the UNet's."""
+    (height, width), cfg, f = size, pipe.unet.config, pipe.vae.downsample_factor
+    h, w, item = height // f, width // f, torch.finfo(pipe.dtype).bits // 8
+    skips = sum((cfg.layers_per_block + 1) * c * (h >> i) * (w >> i) for i, c in enumerate(cfg.block_out_channels))
+    unet_bytes = batch * (skips + FEED_FORWARD_WIDTH * cfg.block_out_channels[0] * h * w) * item
+    pixels = min(height * width, pipe.vae.config.sample_size**2) if tiled else height * width
+    need, free = max(unet_bytes, vae_bytes(pipe.vae, pipe.vae_dtype, pixels)), available_bytes(pipe.device)
+    if free is not None and need > free:
+        raise UserError(f"{width}x{height} needs about {need / 2**30:.1f} GB of working memory, but only "
+                        f"{free / 2**30:.1f} GB is free on {pipe.device}; use a smaller size")  # fmt: skip
+    if pipe.device.type != "cpu":
+        return
+    per_call = batch * unet_flops(cfg, h, w) / cpu_flops_per_second()
+    if per_call > MAX_STEP_SECONDS:
+        raise UserError(f"{width}x{height} would take about {per_call / 3600:.1f} h per step on this CPU "
+                        f"(self-attention over {h * w} latent positions); use a smaller size")  # fmt: skip
+    if per_call * calls > 600:
+        minutes = per_call * calls / 60
+        warnings.warn(f"{width}x{height} may take up to {minutes:.0f} min on this CPU (a rough estimate)", stacklevel=3)
+
+
+# ----------------------------------------------------------------------------- the process's memory (CPU)
+
+
+def tune_malloc() -> None:
+    """Keep glibc from handing freed activation buffers back to the kernel between UNet calls (each step would
+    otherwise page-fault its ~1 GB of activations back in): -20% per CPU step measured in bench/README.md, +0.1 GB
+    peak RSS. glibc's mallopt(param, value) with M_MMAP_THRESHOLD -3, M_TRIM_THRESHOLD -1, M_TOP_PAD -2 (malloc.h);
+    the same as MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=... in the environment. A no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # absent with musl
+    if mallopt is not None:
+        mallopt(-3, 32 << 20)  # blocks up to 32 MiB (glibc's maximum) come from the heap, not a fresh mmap
+        mallopt(-1, 2**31 - 1)  # (almost) never trim the heap top
+        mallopt(-2, 1 << 30)  # grow the heap 1 GiB at a time
+
+
+def trim_heap() -> None:
+    """Hand the free memory at the top of glibc's heap back to the kernel (malloc_trim(0)): after tune_malloc the
+    UNet's freed activations stay there, and the VAE decode's large buffers (mmap'ed, over 32 MiB) would come on top;
+    -0.5 GB peak RSS at 512x512 (bench/README.md). A no-op without glibc."""
+    if sys.platform.startswith("linux"):
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+        if trim is not None:
+            trim(0)
+
+
+def release_pages(module: nn.Module) -> None:
+    """Take `module`'s memory-mapped weights out of this process's resident memory until they are next read.
+
+    The safetensors tensors are views of a private mapping of the file: reading them faults its pages in, and they
+    count in the process's RSS from then on. madvise(MADV_DONTNEED) unmaps them; the kernel keeps them in its page
+    cache, so the next read maps them back from memory, not from the disk. generate() calls this on the CPU for a
+    network it is done with (the text encoder before the loop, the UNet before the VAE decode): the peak RSS of a
+    run is then the UNet's weights and activations, not all the weights plus the decode (bench/README.md).
+    A tensor is released only if none of its pages is anonymous (ordinary memory, or a mapped page written to in
+    place: MADV_DONTNEED would throw that private copy away) or swapped out, as /proc/self/pagemap tells (a 64-bit
+    entry per page, bits 63/62/61: present/swapped/file page; Linux's Documentation/admin-guide/mm/pagemap.rst).
+    Converted, LoRA-merged or GPU tensors are therefore never touched; a no-op where pagemap cannot be read."""
+    if not sys.platform.startswith("linux") or not os.access("/proc/self/pagemap", os.R_OK):
+        return  # not Linux, or no /proc (some sandboxes)
+    page, libc = os.sysconf("SC_PAGE_SIZE"), ctypes.CDLL(None)
+    storages = [t.untyped_storage() for t in [*module.parameters(), *module.buffers()] if t.device.type == "cpu"]
+    with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+        for begin, end in {(s.data_ptr(), s.data_ptr() + s.nbytes()) for s in storages if s.nbytes()}:
+            first, last = begin // page, -(-end // page)  # the whole pages the tensor touches
+            entries = os.pread(pagemap.fileno(), 8 * (last - first), 8 * first)
+            flags = np.frombuffer(entries, dtype=np.uint64) >> np.uint64(61)
+            if ((flags == 0b101) | (flags <= 0b001)).all():  # each page a present file page, or not in memory
+                libc.madvise(ctypes.c_void_p(first * page), ctypes.c_size_t((last - first) * page), 4)  # DONTNEED

@@ -1,0 +1,141 @@
+"""How to sample: the settings of one generation, each with its default and its `--help` text, checked in one place.
+
+`Settings` is the single source of both generate()'s keyword arguments and the command line's options (cli.py builds
+one option per field). `Settings.ready()` is the one validation: the CLI calls it before loading a model (against SD
+1.5's shapes, so a typo costs nothing), generate() against the loaded model's.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+import secrets
+from dataclasses import dataclass, field, fields, replace
+
+import numpy as np
+
+import scheduler as sampling
+from models.clip import CLIPTextConfig
+
+# SD 1.5 was trained on 1000 timesteps; "leading" spacing with steps_offset 1 would ask for t = 1000 at 1000 steps.
+MAX_STEPS = 999
+MAX_SIZE = 4096  # pixels per side
+MAX_IMAGES = 64
+MAX_SEED = 2**32 - 1  # seeds are taken modulo 2**32 by the generator: larger ones would repeat images
+# SD 1.5's shapes, for checking settings before a model is loaded (generate() checks against the loaded model).
+SD15_VAE_FACTOR = 8  # pixels per latent: the VAE halves the size at 3 of its 4 levels
+SD15_CLIP_LAYERS = CLIPTextConfig.num_hidden_layers
+
+
+class UserError(ValueError):
+    """Bad input from the user: reported as one line and exit code 2, never as a traceback."""
+
+
+class NonFiniteError(RuntimeError):
+    """A stage produced NaN or inf (broken weights, an fp16 overflow): nothing is written, exit code 1."""
+
+
+def setting(default: object, help: str, cli_type: type | None = None):
+    """A Settings field: its default, and its `--help` text (the CLI builds one option per field)."""
+    return field(default=default, metadata={"help": help, "type": cli_type or type(default)})
+
+
+def as_type(name: str, value: object, kind: type) -> object:
+    """`value` as an int, float, bool or str, or a TypeError naming the argument. Integers go through
+    operator.index, so numpy integers pass and 64.0, "10" or True do not."""
+    try:
+        if isinstance(value, bool | np.bool_):
+            if kind is bool:
+                return bool(value)
+        elif kind is int:
+            return operator.index(value)
+        elif kind is float and isinstance(value, numbers.Real):
+            return float(value)
+        elif kind is str and isinstance(value, str):
+            return value
+    except TypeError:
+        pass
+    raise TypeError(f"{name} must be {kind.__name__}, got {type(value).__name__} {value!r:.40}")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How to sample: the keyword arguments of generate() and the options of the CLI, with one default each."""
+
+    scheduler: str = setting("euler", f"sampler: one of {', '.join(sampling.SAMPLERS)}")
+    karras: bool = setting(False, "use the Karras et al. 2022 noise levels (rho 7)")
+    steps: int = setting(30, "number of denoising steps")
+    guidance_scale: float = setting(7.5, "classifier-free guidance scale; <= 1 disables")
+    height: int = setting(512, "image height in pixels (multiple of 8)")
+    width: int = setting(512, "image width in pixels (multiple of 8)")
+    seed: int = setting(0, "random seed, 0 to 2**32-1 (-1: a random one, printed and recorded in the PNG)")
+    num_images: int = setting(1, "images to generate for each prompt")
+    clip_skip: int | None = setting(None, "use the CLIP layer this many before the last (1 = A1111 clip skip 2)", int)
+    strength: float | None = setting(None, "image-to-image: how much of the init image to redraw (default 0.8; "
+                                     "1 when inpainting, as Diffusers)", float)  # fmt: skip
+    eta: float = setting(0.0, "DDIM eta (0: deterministic; ddim only)")
+    mask_blur: int = setting(0, "inpainting: Gaussian blur radius of the mask in pixels (A1111's mask blur)")
+    mask_keep_pixels: bool = setting(False, "inpainting: paste the original pixels back outside the mask")
+    vae_tiling: bool = setting(False, "VAE in overlapping tiles (Diffusers' enable_tiling): large images in bounded "
+                               "memory; switched on by itself when an untiled pass would not fit")  # fmt: skip
+
+    def __post_init__(self):  # types first, so that check() compares numbers (numpy integers become ints)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None or f.default is not None:
+                object.__setattr__(self, f.name, as_type(f.name, value, f.metadata["type"]))
+
+    def ready(self, img2img: bool, inpaint: bool, inpainting_unet: bool = False, factor: int = SD15_VAE_FACTOR,
+              clip_layers: int = SD15_CLIP_LAYERS) -> Settings:  # fmt: skip
+        """The settings a run uses: every one checked (each failure a one-line UserError), the strength's default
+        filled in (Diffusers': 0.8 for image-to-image, 1 for inpainting) and seed -1 replaced by a random seed.
+        `factor` (pixels per latent) and `clip_layers` are the model's; the defaults are SD 1.5's."""
+        if inpaint and not img2img:
+            raise UserError("a mask needs an init image: --mask-image marks the part of --init-image to repaint")
+        if inpainting_unet and not inpaint:
+            raise UserError(
+                "this is an inpainting model (9 UNet input channels): give it --init-image and --mask-image"
+            )
+        s = self if self.strength is not None else replace(self, strength=1.0 if inpaint else 0.8)
+        s.check(img2img, factor, clip_layers)
+        return s if s.seed != -1 else replace(s, seed=secrets.randbelow(MAX_SEED + 1))
+
+    def check(self, img2img: bool, factor: int, clip_layers: int) -> None:
+        sampler = sampling.SAMPLERS.get(self.scheduler)
+        if sampler is None:
+            raise UserError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(sampling.SAMPLERS)}")
+        if self.karras and not sampler.karras:
+            karras = [name for name, s in sampling.SAMPLERS.items() if s.karras]
+            raise UserError(f"--karras works with {', '.join(karras)}, not {self.scheduler}")
+        if not 1 <= self.steps <= MAX_STEPS:
+            raise UserError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
+        for name in ("guidance_scale", "strength", "eta"):
+            if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
+                raise UserError(f"{name.replace('_', ' ')} must be a finite number, got {getattr(self, name)}")
+        if self.guidance_scale < 0:
+            raise UserError(f"guidance scale must be >= 0 (1 disables guidance), got {self.guidance_scale}")
+        for name, size in (("height", self.height), ("width", self.width)):
+            if size % factor or not factor <= size <= MAX_SIZE:
+                raise UserError(f"{name} must be a multiple of {factor} between {factor} and {MAX_SIZE}, got {size}")
+        if not -1 <= self.seed <= MAX_SEED:
+            raise UserError(f"seed must be between 0 and {MAX_SEED} (or -1 for a random one), got {self.seed}")
+        if not 1 <= self.num_images <= MAX_IMAGES:
+            raise UserError(f"num_images must be between 1 and {MAX_IMAGES}, got {self.num_images}")
+        if not 0 < self.strength <= 1:
+            raise UserError(f"strength must be in (0, 1], got {self.strength}")
+        if self.mask_blur < 0:
+            raise UserError(f"mask blur must be >= 0 pixels, got {self.mask_blur}")
+        if img2img and int(self.steps * self.strength) < 1:
+            raise UserError(
+                f"steps x strength = {self.steps * self.strength:g} < 1 leaves no step to run; raise either"
+            )
+        if self.clip_skip is not None and not 0 <= self.clip_skip < clip_layers:
+            raise UserError(
+                f"clip skip must be between 0 and {clip_layers - 1} for this text encoder, got {self.clip_skip}"
+            )
+        if not 0 <= self.eta <= 1:
+            raise UserError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {self.eta}")
+        if self.eta and not sampler.eta:
+            uses = [name for name, s in sampling.SAMPLERS.items() if s.eta]
+            raise UserError(f"eta is used by {', '.join(uses)} only, not {self.scheduler}; leave it at 0")
