@@ -6,12 +6,13 @@ file is refused, not allocated. `Inpainting` is inpainting's one seam into gener
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageFilter, ImageOps
 from torch import Tensor
 
 import scheduler as sampling
@@ -24,14 +25,15 @@ def open_image(image: Image.Image | str | Path, what: str = "init image") -> Ima
     if isinstance(image, Image.Image):
         check_image_size(image, what)
         return to_8bit(image)
+    if not Path(image).is_file():  # a FIFO would block open(), a device be read without end
+        raise UserError(f"cannot read {what} {image}: not a file")
     try:
         with Image.open(image) as file:
             check_image_size(file, what)
-            file.load()
-            return to_8bit(file)
+            return to_8bit(ImageOps.exif_transpose(file))  # upright as shown, as Diffusers' load_image and A1111
     except UserError:
         raise
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+    except (OSError, ValueError, SyntaxError, struct.error, Image.DecompressionBombError) as e:  # broken EXIF too
         raise UserError(f"cannot read {what} {image}: {e}") from None
 
 

@@ -34,10 +34,11 @@ from models.clip import CLIPTextModel
 from models.loading import DEFAULT_MODEL, load_model
 from models.unet import UNet
 from models.vae import AutoencoderKL, sample_latent
-from resources import check_cost, choose_tiling, pick_device, release_pages, trim_heap
+from prompts import conditioning
+from resources import auto_dtype, check_cost, choose_tiling, pick_device, release_pages, trim_heap
 from settings import NonFiniteError, Settings, UserError
 from tokenizer import CLIPTokenizer
-from tokenizer.prompt_syntax import LORA_TAG, chunk_prompt, parse_prompt_attention, prompt_schedules
+from tokenizer.prompt_syntax import LORA_TAG
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -65,13 +66,11 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: str | torch.device | None 
                   dtype: str | torch.dtype | None = None, config: str | None = None) -> Pipeline:  # fmt: skip
     """Load tokenizer, text encoder, UNet, VAE and the scheduler config from a Diffusers-layout folder, a hub repo
     id, or an original single-file checkpoint (`.safetensors`; SD 1.5 configs built in, or those of the
-    Diffusers-layout folder `config`). `dtype` is a torch dtype or its name ("float16").
-
-    dtype defaults to float16 on CUDA (half the memory, tensor cores) and float32 elsewhere (CPUs have no fast
-    fp16 matmul). bfloat16 is allowed; on a CPU it is only worth it with AVX-512 (BF16/AMX): on an AVX2-only
-    CPU a bf16 convolution measured about 100x slower than fp32 (bench/README.md), so that case gets a warning,
-    and so does float16 on a CPU (about 27x slower than float32).
+    Diffusers-layout folder `config`). `dtype` is a torch dtype or its name ("float16"); None or "auto" picks
+    resources.auto_dtype's: float16 on CUDA, bfloat16 on a CPU with AMX, float32 elsewhere. bfloat16 on an AVX2-only
+    CPU (about 100x slower than fp32: bench/README.md) and float16 on a CPU (about 27x) get a warning.
     """
+    dtype = None if dtype == "auto" else dtype
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -79,80 +78,20 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: str | torch.device | None 
     if dtype is not None and dtype not in DTYPES.values():
         raise TypeError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     dev = pick_device(str(device) if device is not None else None)
-    dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+    dtype = dtype or auto_dtype(dev)[0]
     if dev.type == "cpu" and dtype == torch.bfloat16 and "AVX512" not in torch.backends.cpu.get_cpu_capability():
         warnings.warn("bfloat16 on a CPU without AVX-512 is very slow; use --dtype float32", stacklevel=2)
     if dev.type == "cpu" and dtype == torch.float16:
         warnings.warn("float16 on a CPU is about 27x slower than float32; use --dtype float32", stacklevel=2)
     m = load_model(model, dtype, dev, config)
+    if dev.type == "cpu" and dtype == torch.bfloat16:  # oneDNN's AMX convolutions want NHWC: UNet -26%, decode -50%
+        m.unet.to(memory_format=torch.channels_last), m.vae.to(memory_format=torch.channels_last)  # (bench/README.md)
     return Pipeline(m.tokenizer, m.text_encoder, m.unet, m.vae, m.scheduler_config, dev, dtype, vae_dtype=dtype)
 
 
 # ----------------------------------------------------------------------------- 1. prompts -> context
-
-
-def encode_prompts(pipe: Pipeline, prompts: list[str], clip_skip: int | None) -> torch.Tensor:
-    """Prompts as plain text (Diffusers' reading: brackets are text, cut at CLIP's 77 tokens) -> context (B, 77, D).
-    Clip skip applies to every prompt, negative ones included (as A1111)."""
-    for p in prompts:
-        if dropped := pipe.tokenizer.truncated(p):
-            warnings.warn(f"the prompt is longer than CLIP's 77 tokens; dropped: {dropped!r}", stacklevel=3)
-    ids = pipe.tokenizer(prompts).to(pipe.device)
-    return pipe.text_encoder(ids, clip_skip=clip_skip)
-
-
-def encode_a1111(pipe: Pipeline, texts: list[str], clip_skip: int | None) -> list[torch.Tensor]:
-    """Prompts as A1111 reads them, any length -> one context (1, 77 k, D) each. parse_prompt_attention finds the
-    (emphasis:1.2) weights and BREAKs, chunk_prompt cuts the tokens into k CLIP windows of BOS + 75 + EOS (a full
-    window hands the words after its last comma to the next one; an embedding's vectors stay in one window); all
-    windows go through the text encoder in one batch; then A1111's "Original" emphasis
-    (sd_emphasis.EmphasisOriginal): each token's vector times its weight, the window rescaled to its mean before.
-    Plain text of <= 75 tokens is exactly Diffusers' conditioning."""
-    tok = pipe.tokenizer
-    comma = tok.encode(",")[1]
-    windows = [chunk_prompt(parse_prompt_attention(t), tok.encode, tok.BOS, tok.EOS, comma, tok.spans()) for t in texts]
-    ids = torch.tensor([w[0] for ws in windows for w in ws], device=pipe.device)
-    weights = torch.tensor([w[1] for ws in windows for w in ws], device=pipe.device)
-    z = pipe.text_encoder(ids, clip_skip=clip_skip)  # (windows, 77, D)
-    if (weights != 1).any():
-        mean = z.mean(dim=(1, 2), keepdim=True)
-        z = z * weights[:, :, None].to(z.dtype)
-        z = z * (mean / z.mean(dim=(1, 2), keepdim=True))
-    return [c.reshape(1, -1, z.shape[-1]) for c in z.split([len(ws) for ws in windows])]
-
-
-def encode_prompt(pipe: Pipeline, text: str, clip_skip: int | None = None) -> torch.Tensor:
-    """One prompt as A1111 reads it -> its context (1, 77 k, D), k CLIP windows (see encode_a1111)."""
-    return encode_a1111(pipe, [text], clip_skip)[0]
-
-
-def conditioning(pipe: Pipeline, prompts: list[str], negatives: list[str], s: Settings, use_cfg: bool,
-                 syntax: str) -> list[tuple[int, torch.Tensor]]:  # fmt: skip
-    """The UNet's context for every step, as [(last step it is used, context (2B or B, L, D))], computed before the
-    loop. Plain syntax: one entry. A1111 syntax: prompt editing [from:to:when] and [a|b] alternation switch the text
-    at some steps (prompt_schedules); at each switch the prompts and negative prompts, of any number of windows,
-    are padded to the same length with the empty prompt's encoding (A1111's "pad prompt/negative prompt to be the
-    same length"), so the UNet still runs one batched CFG call."""
-    groups = [negatives, prompts] if use_cfg else [prompts]  # the unconditional half first
-    if syntax == "plain":
-        context = torch.cat([encode_prompts(pipe, group, s.clip_skip) for group in groups])
-        return [(s.steps, context.repeat_interleave(s.num_images, dim=0))]
-    try:  # A1111 raises on a few malformed weights too: (x:1.2.3), [a:1e999]
-        schedules = [prompt_schedules(group, s.steps) for group in groups]
-        [parse_prompt_attention(t) for group in schedules for sched in group for _, t in sched]
-    except (ValueError, OverflowError) as e:
-        raise UserError(f"cannot read the prompt's A1111 syntax ({e}); fix it, or pass --plain-prompt") from None
-    texts = [list(dict.fromkeys(t for sched in group for _, t in sched)) for group in schedules]
-    encoded = [dict(zip(t, encode_a1111(pipe, t, s.clip_skip), strict=True)) for t in texts]
-    empty = encoded[0][""] if "" in encoded[0] else encode_a1111(pipe, [""], s.clip_skip)[0]
-    out = []
-    for end in sorted({e for group in schedules for sched in group for e, _ in sched}):
-        rows = [enc[next(t for e, t in sched if e >= end)] for group, enc in zip(schedules, encoded, strict=True)
-                for sched in group]  # fmt: skip
-        length = max(r.shape[1] for r in rows)
-        rows = [torch.cat([r, *[empty] * ((length - r.shape[1]) // empty.shape[1])], dim=1) for r in rows]
-        out.append((end, torch.cat(rows).repeat_interleave(s.num_images, dim=0)))
-    return out
+# prompts.py: tokenize, CLIP-encode (models/clip.py) and, for A1111's syntax, weight and schedule the prompts, giving
+# the UNet's context for every step (prompts.conditioning).
 
 
 # ----------------------------------------------------------------------------- 2. the starting latent
@@ -217,11 +156,12 @@ def sample(pipe: Pipeline, schedule: sampling.Schedule, x: torch.Tensor, context
 
 def decode(pipe: Pipeline, x: torch.Tensor, tiled: bool = False) -> torch.Tensor:
     """VAE decode -> float32 (N, H, W, 3) in [0, 1]. fp16 decodes can overflow to inf/NaN (black images) on the
-    SD 1.5 VAE: if that happens, say so, decode in float32, and keep decoding in float32 from then on."""
+    SD 1.5 VAE (bfloat16 is checked the same way): if that happens, say so, decode in float32, and keep decoding in
+    float32 from then on."""
     scale = pipe.vae.config.scaling_factor  # LDM trained the UNet on latents * scale (about unit variance)
     pixels = pipe.vae.decode((x / scale).to(pipe.vae_dtype), tiled=tiled)
-    if pixels.dtype == torch.float16 and not torch.isfinite(pixels).all():
-        warnings.warn("the float16 VAE decode overflowed; decoding again in float32", stacklevel=2)
+    if pixels.dtype != torch.float32 and not torch.isfinite(pixels).all():
+        warnings.warn(f"the {str(pixels.dtype)[6:]} VAE decode overflowed; decoding again in float32", stacklevel=2)
         pipe.vae_dtype = torch.float32  # the next images would overflow too
         pixels = pipe.vae.float().decode(x.float() / scale, tiled=tiled)
     check_finite(pixels, "VAE decoder")

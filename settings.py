@@ -126,6 +126,8 @@ class Settings:
             raise UserError(f"strength must be in (0, 1], got {self.strength}")
         if self.mask_blur < 0:
             raise UserError(f"mask blur must be >= 0 pixels, got {self.mask_blur}")
+        if self.mask_blur > MAX_SIZE:  # wider than any image: PIL would overflow
+            raise UserError(f"mask blur must be at most {MAX_SIZE} pixels, got {self.mask_blur}")
         if img2img and int(self.steps * self.strength) < 1:
             raise UserError(
                 f"steps x strength = {self.steps * self.strength:g} < 1 leaves no step to run; raise either"

@@ -5,6 +5,9 @@ same settings (full-size SD 1.5 random weights, 256x256, Euler, 4 steps, CFG 7.5
     uv run python bench/bench_pipeline.py --model DIR            # a Diffusers-layout folder (built there if empty)
     uv run python bench/bench_pipeline.py --malloc-tuned         # also both again with glibc malloc env tuning
     uv run python bench/bench_pipeline.py --only ours --variants base,mallopt,mallopt+channels_last   # ours only
+    uv run python bench/bench_pipeline.py --size 512 --steps 3 \
+        --variants base,mallopt,mallopt+bf16,mallopt+bf16+channels_last --diffusers-variants base,bf16
+        # one run: ours fp32 / bf16 / bf16+channels_last against Diffusers fp32 and bf16 (torch_dtype=bfloat16)
 
 Every run is a fresh interpreter (subprocess), so load time and peak memory are its own. Peak memory is VmHWM from
 /proc/self/status (exec resets it); ru_maxrss is recorded too but Linux carries the parent's over fork+exec, which
@@ -22,7 +25,11 @@ implementations, nothing else patched):
 Then `bare unet`: the UNet alone at batch 2 (the CFG batch), 3 calls, the fastest reported.
 User/sys CPU seconds and minor page faults are getrusage deltas over the timed generate.
 With --repeats N every configuration runs N times (alternating); times are the best of N, memory the worst.
-Switches (ours only): mallopt (min_pipeline.tune_malloc, which the CLI calls on the CPU), channels_last (the UNet;
+Diffusers runs once per --diffusers-variants entry: base (--dtype) or bf16 (torch_dtype=torch.bfloat16); mallopt
+may be added there too, to compare allocators alike.
+The output starts with the CPU (model name, the flags that decide fp32/bf16 speed, torch's CPU capability) and
+every row carries the 1-minute load average before each of its runs: the figures of a loaded machine are marked so.
+Switches (ours): mallopt (min_pipeline.tune_malloc, which the CLI calls on the CPU), channels_last (the UNet;
 _all: the VAE too), bf16 (PyTorch's bf16 conv and matmul are ~100x slower than fp32 on AVX2-only CPUs and were
 still 1.2-1.5x slower with AVX-512 BF16 but no AMX: see bench/README.md).
 """
@@ -49,6 +56,8 @@ MALLOC_ENV = {  # glibc tunables: keep freed activation buffers in the heap inst
     "MALLOC_TOP_PAD_": "1073741824",
 }
 SWITCHES = ("mallopt", "channels_last", "channels_last_all", "bf16")  # combine with "+", e.g. mallopt+channels_last
+DIFFUSERS_SWITCHES = ("mallopt", "bf16")  # Diffusers' own dtype switch (torch_dtype) and the same allocator tuning
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
 
 
 def proc_status_mb(field: str) -> float:
@@ -58,37 +67,61 @@ def proc_status_mb(field: str) -> float:
     return float("nan")
 
 
-def cpu_description() -> str:
-    """Model name and the vector extensions that decide fp32/bf16 speed."""
-    model, flags = platform.machine(), set()
+def cpu_info() -> dict:
+    """Model name, family/model numbers and the vector extensions that decide fp32/bf16 speed (from /proc/cpuinfo),
+    and what the installed torch makes of them (asked in a child: this driver never imports torch)."""
+    info: dict = {"model": platform.machine(), "flags": []}
+    keys = {"model name": "model", "cpu family": "family", "model": "model_number", "stepping": "stepping"}
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
         key, _, value = line.partition(":")
-        if key.strip() == "model name":
-            model = value.strip()
+        if key.strip() in keys:
+            info[keys[key.strip()]] = value.strip()
         elif key.strip() == "flags":
-            flags = set(value.split())
+            info["flags"] = [f for f in CPU_FLAGS if f in value.split()]
             break
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
-    return f"{model} ({', '.join(f for f in wanted if f in flags) or 'no AVX2'})"
+    probe = (
+        "import json, torch; print(json.dumps(dict(torch=torch.__version__, "
+        "capability=torch.backends.cpu.get_cpu_capability(), mkldnn=torch.backends.mkldnn.is_available())))"
+    )
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+        info.update(json.loads(out.stdout.strip().splitlines()[-1]))
+    except Exception as e:  # noqa: BLE001 - informational only
+        info["torch"] = f"unknown ({e})"
+    return info
+
+
+def cpu_description(info: dict | None = None) -> str:
+    info = info or cpu_info()
+    flags = ", ".join(info["flags"]) or "no AVX2"
+    where = f"family {info.get('family')} model {info.get('model_number')}" if "family" in info else ""
+    torch_part = f"; torch {info['torch']}, CPU capability {info.get('capability')}" if "torch" in info else ""
+    return f"{info['model']} ({where}; {flags}){torch_part}"
 
 
 # ----------------------------------------------------------------------------- child: one implementation, one run
 
 
 class Timers:
-    """Wall-clock (start, end) events of wrapped callables."""
+    """Wall-clock (start, end) events of wrapped callables, and the process CPU seconds of each (all threads: on a
+    machine shared with other jobs the CPU seconds stay near their unloaded value while wall times stretch)."""
 
     def __init__(self) -> None:
         self.events: list[tuple[str, float, float]] = []
+        self.cpu: list[tuple[str, float]] = []
 
     def wrap(self, name: str, fn):
         def timed(*args, **kwargs):
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             out = fn(*args, **kwargs)
             self.events.append((name, t0, time.perf_counter()))
+            self.cpu.append((name, time.process_time() - c0))
             return out
 
         return timed
+
+    def cpu_of(self, name: str) -> float:
+        return sum(c for n, c in self.cpu if n == name)
 
     def of(self, name: str) -> list[tuple[float, float]]:
         return [(a, b) for n, a, b in self.events if n == name]
@@ -103,7 +136,7 @@ def child(impl: str, variant: str, args: argparse.Namespace) -> None:
     # After the imports, before loading: where min_pipeline.main() calls it.
     if "mallopt" in parts:
         sys.path.insert(0, str(ROOT))
-        from min_pipeline import tune_malloc
+        from resources import tune_malloc
 
         tune_malloc()
 
@@ -181,6 +214,7 @@ def child(impl: str, variant: str, args: argparse.Namespace) -> None:
     rss_after_warmup = proc_status_mb("VmRSS")
 
     timers.events.clear()
+    timers.cpu.clear()
     ru0, load0 = resource.getrusage(resource.RUSAGE_SELF), os.getloadavg()[0]
     t0 = time.perf_counter()
     images = run(args.steps)
@@ -221,6 +255,8 @@ def child(impl: str, variant: str, args: argparse.Namespace) -> None:
         step_s=loop_s / args.steps,
         unet_s=sum(b - a for a, b in unet_calls) / args.steps,
         decode_s=decode_call[1] - decode_call[0],
+        unet_cpu_s=timers.cpu_of("unet") / args.steps,  # CPU seconds (all threads) per UNet call
+        decode_cpu_s=timers.cpu_of("decode"),
         post_s=t1 - decode_call[1],
         e2e_s=t1 - t0,
         bare_unet_s=min(bare_times, default=float("nan")),
@@ -293,6 +329,8 @@ COLUMNS = (  # key, header, format
     ("bare_unet_s", "bare unet", "{:.2f}"),
     ("decode_s", "decode", "{:.2f}"),
     ("e2e_s", "e2e", "{:.2f}"),
+    ("unet_cpu_s", "unet cpu", "{:.1f}"),
+    ("decode_cpu_s", "dec. cpu", "{:.1f}"),
     ("user_s", "user", "{:.1f}"),
     ("sys_s", "sys", "{:.1f}"),
     ("minflt", "minflt", "{:.0f}"),
@@ -311,7 +349,7 @@ def summarize(runs: list[dict]) -> dict:
         ("pre_loop_s", "", ""),
         ("post_s", "", ""),
     ):
-        values = [r[key] for r in runs]
+        values = [r.get(key, float("nan")) for r in runs]  # nan: a column older partial files lack
         out[key] = max(values) if key in HIGHER_IS_WORSE_MEMORY else min(values)
     out["loadavg"] = [round(r["loadavg_before"], 2) for r in runs]
     out["runs"] = runs
@@ -320,14 +358,45 @@ def summarize(runs: list[dict]) -> dict:
 
 def print_table(title: str, rows: list[tuple[str, dict]], ratio_of: tuple[str, str] | None = None) -> None:
     print(f"\n{title}")
-    print(f"{'':<30}" + "".join(f"{h:>10}" for _, h, _ in COLUMNS) + "   load avg")
+    print(f"{'':<44}" + "".join(f"{h:>10}" for _, h, _ in COLUMNS) + "   load avg before each run")
     for name, r in rows:
         cells = "".join(f"{fmt.format(r[k]):>10}" for k, _, fmt in COLUMNS)
-        print(f"{name:<30}{cells}   {r['loadavg']}")
+        print(f"{name:<44}{cells}   {r['loadavg']}")
     if ratio_of:
         a, b = (dict(rows)[n] for n in ratio_of)
         cells = "".join(f"{a[k] / b[k]:>10.2f}" if b[k] else f"{'':>10}" for k, _, _ in COLUMNS)
-        print(f"{'ratio ours/diffusers':<30}{cells}")
+        print(f"{'ratio ours/diffusers':<44}{cells}")
+
+
+RATIO_KEYS = (
+    ("step_s", "s/step"),
+    ("unet_cpu_s", "unet cpu"),
+    ("decode_cpu_s", "dec. cpu"),
+    ("bare_unet_s", "bare unet"),
+    ("decode_s", "decode"),
+    ("e2e_s", "e2e"),
+    ("vm_hwm_mb", "peak MB"),
+)
+
+
+def print_ratios(summary: dict, name) -> None:
+    """Every row against each Diffusers row (same run, interleaved repeats), and its image against Diffusers' of
+    the same dtype."""
+    refs = [(c, s) for c, s in summary.items() if c[0] == "diffusers"]
+    if not refs:
+        return
+    import numpy as np
+
+    for rc, rs in refs:
+        print(f"\nratio to {name(rc)} ({rs['dtype']})")
+        print(f"{'':<44}" + "".join(f"{h:>10}" for _, h in RATIO_KEYS) + "   max|img diff|")
+        ref_image = np.load(rs["image"])
+        for c, s in summary.items():
+            if c == rc:
+                continue
+            cells = "".join(f"{s[k] / rs[k]:>10.2f}" if rs[k] else f"{'':>10}" for k, _ in RATIO_KEYS)
+            diff = float(np.abs(np.load(s["image"]) - ref_image).max())
+            print(f"{name(c):<44}{cells}   {diff:.2e}")
 
 
 def main() -> None:
@@ -352,10 +421,21 @@ def main() -> None:
         default="base",
         help=f"comma-separated: base, or switches (ours only) {', '.join(SWITCHES)} joined by +",
     )
+    parser.add_argument(
+        "--diffusers-variants",
+        default="base",
+        help=f"comma-separated Diffusers runs: base (--dtype), or {', '.join(DIFFUSERS_SWITCHES)} joined by + "
+        "(bf16: torch_dtype=torch.bfloat16)",
+    )
     parser.add_argument("--quick", action="store_true", help="no warm-up and no bare-UNet calls (large sizes)")
     parser.add_argument("--vae-tiling", action="store_true", help="tiled VAE decode in both (Diffusers: enable_tiling)")
     parser.add_argument("--child-timeout", type=float, default=600, help="seconds allowed to one run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument(
+        "--from-partial",
+        type=Path,
+        help="print the tables of a stopped run from its pipeline-*.partial.jsonl (runs nothing)",
+    )
     parser.add_argument("--child", choices=["ours", "diffusers", "build"], help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="base", help=argparse.SUPPRESS)
     parser.add_argument("--images-dir", default=None, help=argparse.SUPPRESS)
@@ -374,6 +454,9 @@ def main() -> None:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if bad := [v for v in variants if v != "base" and not set(v.split("+")) <= set(SWITCHES)]:
         parser.error(f"unknown variants {bad}: give base, or switches from {SWITCHES} joined by +")
+    diffusers_variants = [v.strip() for v in args.diffusers_variants.split(",") if v.strip()]
+    if bad := [v for v in diffusers_variants if v != "base" and not set(v.split("+")) <= set(DIFFUSERS_SWITCHES)]:
+        parser.error(f"unknown Diffusers variants {bad}: give base, or {DIFFUSERS_SWITCHES} joined by +")
     if not (args.model / "model_index.json").is_file():  # written last by the builder
         print(f"building a random-weight SD 1.5 folder in {args.model} ...", flush=True)
         subprocess.run([sys.executable, __file__, "--child", "build", "--model", str(args.model)], check=True)
@@ -386,11 +469,13 @@ def main() -> None:
     envs = (True,) if args.malloc_env_only else (False, True) if args.malloc_tuned else (False,)
     for env in envs:
         for impl in impls:
-            for variant in variants if impl == "ours" else ["base"]:  # the switches are ours
+            for variant in variants if impl == "ours" else diffusers_variants:
                 configs.append((impl, variant, env))
 
+    cpu = cpu_info()
     print(
-        f"{cpu_description()}, {os.cpu_count()} CPUs, load average now "
+        f"CPU: {cpu_description(cpu)}\n"
+        f"{os.cpu_count()} CPUs, load average now "
         f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}; {args.size}x{args.size}, {args.steps} Euler steps, "
         f"CFG {args.cfg}, {args.dtype}, {args.threads} threads, {args.repeats} repeat(s); folder {args.model}",
         flush=True,
@@ -400,13 +485,23 @@ def main() -> None:
     )
     print(f"weights (the three safetensors files): {weights / 2**20:.0f} MB; peak RSS below is in the same MB (MiB)")
     raw: dict[tuple[str, str, bool], list[dict]] = {c: [] for c in configs}
-    for _ in range(args.repeats):
+    if args.from_partial:  # the rounds a stopped run finished; configurations it never ran are left out
+        raw = {}
+        for line in args.from_partial.read_text().splitlines():
+            record = json.loads(line)
+            raw.setdefault(tuple(record.pop("config")), []).append(record)
+        configs = list(raw)
+        args.repeats = min(len(rs) for rs in raw.values())
+        stamp = args.from_partial.name.removeprefix("pipeline-").removesuffix(".partial.jsonl") + "-summary"
+    for _ in range(0 if args.from_partial else args.repeats):
         for config in configs:  # all configurations once per round, so drifting load hits each alike
             t0 = time.perf_counter()
             raw[config].append(run_child(*config, args))
+            with open(args.out / f"pipeline-{stamp}.partial.jsonl", "a") as f:  # survives a run stopped half-way
+                f.write(json.dumps({"config": list(config), **raw[config][-1]}) + "\n")
             print(
                 f"  {config[0]:<9} {config[1]:<28} {'malloc env' if config[2] else '':<10} "
-                f"{time.perf_counter() - t0:5.1f} s wall, load {os.getloadavg()[0]:.2f}",
+                f"{time.perf_counter() - t0:5.1f} s wall, load {' '.join(f'{x:.2f}' for x in os.getloadavg())}",
                 flush=True,
             )
 
@@ -434,8 +529,8 @@ def main() -> None:
         print_table(title, rows, (name(("ours", "base", env)), name(("diffusers", "base", env))) if both else None)
     others = [(name(c), s) for c, s in summary.items() if c[1] != "base"]
     if others:
-        base = [(name(c), s) for c, s in summary.items() if c[0] == "ours" and c[1] == "base" and not c[2]]
-        print_table("ours: switches", base + others)
+        base = [(name(c), s) for c, s in summary.items() if c[1] == "base" and not c[2]]
+        print_table("switches (base rows repeated)", base + others)
     if len(summary) > 1:
         print(
             f"\nmax |image - image of {name(ref_config)}| in [0, 1]: "
@@ -444,9 +539,13 @@ def main() -> None:
             )
         )
 
+    if len(summary) > 1:
+        print_ratios(summary, name)
+
     path = args.out / f"pipeline-{stamp}.json"
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("child",)}
-    settings["cpu"] = cpu_description()
+    settings["cpu"] = cpu
+    settings["cpu_text"] = cpu_description(cpu)
     path.write_text(
         json.dumps({"settings": settings, "results": [{"config": name(c), **s} for c, s in summary.items()]}, indent=1)
     )

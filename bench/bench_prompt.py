@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 import torch  # noqa: E402
 
 from conftest import official_config, save_text_encoder  # noqa: E402
-from min_pipeline import encode_a1111, encode_prompts  # noqa: E402
 from models.loading import load_component  # noqa: E402
 from models.unet import UNet, UNetConfig  # noqa: E402
+from prompts import encode_a1111, encode_prompts  # noqa: E402
 from tokenizer import CLIPTokenizer, chunk_prompt, parse_prompt_attention  # noqa: E402
 
 WORDS = "(masterpiece:1.2), a ((red)) fox in [deep] snow, golden hour, sharp focus, BREAK detailed fur, 8k, "

@@ -44,7 +44,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import conftest  # noqa: E402 (the model folder builder and the Diffusers reference helpers of the tests)
 from fast_path import speed_up  # noqa: E402
-from min_pipeline import encode_prompts, generate, load_pipeline  # noqa: E402
+from min_pipeline import generate, load_pipeline  # noqa: E402
+from prompts import encode_prompts  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse on the moon"
 NEGATIVE = "blurry, low quality"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 import time
@@ -16,10 +17,11 @@ import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import torch
 from PIL import Image
 from tqdm import tqdm
 
-from cli.outputs import Output
+from cli.outputs import Output, check_file, check_folder, claim
 from cli.png_info import check_metadata_text, parameters_text
 from cli.prompt_files import prompt_file_jobs
 from cli.trajectory import Watcher
@@ -29,9 +31,9 @@ from min_pipeline import DTYPES, Pipeline, generate, load_pipeline
 from models.embeddings import load_embedding
 from models.loading import DEFAULT_MODEL, WeightsError
 from models.lora import apply_lora, remove_loras
-from resources import pick_device, tune_malloc
-from settings import NonFiniteError, Settings, UserError
-from tokenizer.prompt_syntax import lora_tags
+from resources import auto_dtype, pick_device, tune_malloc
+from settings import SD15_VAE_FACTOR, NonFiniteError, Settings, UserError
+from tokenizer.prompt_syntax import lora_tags, parse_prompt_attention, prompt_schedules
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -80,7 +82,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub repo id, Diffusers folder or .safetensors single file")
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available, in that order)")
-    p.add_argument("--dtype", choices=list(DTYPES), help="weights/activations (default: float16 on CUDA, else float32)")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="weights and activations; auto: "
+                   "float16 on CUDA, bfloat16 on a CPU with AMX (Xeons since Sapphire Rapids), else "
+                   "float32")  # fmt: skip
     p.add_argument("--compile", action="store_true", help="the fast path (speed_up): torch.compile the UNet (the "
                    "first image waits minutes for it, then steps are faster); on CUDA the loop replays as a CUDA "
                    "graph")  # fmt: skip
@@ -116,6 +120,11 @@ def job_settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def real(path: Path) -> Path:
+    """The path with its links followed; Path.resolve() raises on a link loop (Python 3.11), realpath does not."""
+    return Path(os.path.realpath(path))
+
+
 def lora_files(args: argparse.Namespace) -> tuple[list[tuple[Path, float]], str]:
     """The LoRAs to merge: --lora FILE[:WEIGHT] and the prompt's <lora:NAME:WEIGHT> tags, found in --lora-dir as
     NAME.safetensors (subfolders allowed, nothing outside it). Returns them and the prompt without its tags (the PNG
@@ -128,12 +137,12 @@ def lora_files(args: argparse.Namespace) -> tuple[list[tuple[Path, float]], str]
     tags, prompt = lora_tags(args.prompt)
     for name, weight in tags:
         path = folder / f"{name}.safetensors"
-        if not path.resolve().is_relative_to(folder.resolve()):
+        if not real(path).is_relative_to(real(folder)):
             raise UserError(
                 f"<lora:{name}> in the prompt names a file outside --lora-dir {folder}; give its name there"
             )
         if not path.is_file():
-            raise UserError(f"<lora:{name}> in the prompt: no {path.name} in {folder.resolve()}; see --lora-dir")
+            raise UserError(f"<lora:{name}> in the prompt: no {path.name} in {real(folder)}; see --lora-dir")
         loras.append((str(path), weight or "1"))
     out = []
     for path, weight in loras:
@@ -144,34 +153,77 @@ def lora_files(args: argparse.Namespace) -> tuple[list[tuple[Path, float]], str]
         if not math.isfinite(out[-1][1]):
             raise UserError(f"LoRA weight {weight!r} of {path} is not a finite number")
         if not out[-1][0].is_file():
-            raise UserError(f"LoRA file {path} does not exist")
+            raise UserError(f"LoRA file {path} " + ("is not a file" if out[-1][0].exists() else "does not exist"))
     return out, prompt
 
 
-def watch_files(args: argparse.Namespace, output: Output) -> tuple[Path | None, Path | None]:
-    """--trajectory's file and the preview file (`<output>.preview.png`; `preview.png` in an output folder)."""
+def watch_files(args: argparse.Namespace, output: Output, count: int, batch: bool) -> tuple[Path | None, Path | None]:
+    """--trajectory's file and the preview file (`<output>.preview.png`; `preview.png` in an output folder), checked:
+    writable, the preview not a file that exists (it is the user's), no output an input image, the trajectory neither
+    an output nor the preview, nor an A1111-style number in the output folder (`00012...`), which a later image could
+    take."""
     trajectory = Path(args.trajectory).expanduser() if args.trajectory else None
-    if trajectory is not None and trajectory.suffix.lower() not in (".gif", ".png"):
-        raise UserError(f"--trajectory {args.trajectory} must be a .gif or .png file name")
-    if args.preview_every is None:
-        return trajectory, None
-    if args.preview_every < 1:
-        raise UserError(f"--preview-every must be at least 1, got {args.preview_every}")
-    return trajectory, output.path / "preview.png" if output.is_folder else output.path.with_suffix(".preview.png")
+    if trajectory is not None:
+        if trajectory.suffix.lower() not in (".gif", ".png"):
+            raise UserError(f"--trajectory {args.trajectory} must be a .gif or .png file name")
+        check_folder(trajectory.parent)
+        check_file(trajectory, "--trajectory")
+    preview = None
+    if args.preview_every is not None:
+        if args.preview_every < 1:
+            raise UserError(f"--preview-every must be at least 1, got {args.preview_every}")
+        preview = output.path / "preview.png" if output.is_folder else output.path.with_suffix(".preview.png")
+        if preview.exists() or preview.is_symlink():
+            raise UserError(f"the preview file {preview} exists (yours?): remove it or choose another --output")
+    outputs = [] if output.is_folder else [output.file(i, count) for i in range(count)]
+    inputs = [real(Path(p).expanduser()) for p in (args.init_image, args.mask_image) if p]
+    if any(real(p) in inputs for p in [*outputs, trajectory] if p is not None):
+        raise UserError("--output or --trajectory names the --init-image or --mask-image; choose another name")
+    if trajectory is not None:
+        taken = [preview, *outputs]
+        folder = output.path if output.is_folder else output.path.parent
+        numbered = (output.is_folder or batch) and real(trajectory.parent) == real(folder)
+        numbered = numbered and re.match(r"\d{5}", trajectory.name)
+        if numbered or real(trajectory) in [real(p) for p in taken if p is not None]:
+            raise UserError(f"--trajectory {trajectory} would replace an output image or the preview; rename it")
+    return trajectory, preview
 
 
-def load_for_cli(args: argparse.Namespace) -> Pipeline:
-    """The model once per run, with the embeddings of --embedding and --embeddings-dir."""
+def shared_inputs(args: argparse.Namespace) -> tuple[list[Path], Image.Image | None, Image.Image | None]:
+    """The inputs every job shares, checked once before any (a mistake is exit code 2, even with --from-file): the
+    device, the embedding files (--embedding, and --embeddings-dir's .safetensors, none from outside it), the init
+    image and the mask."""
+    pick_device(args.device)
+    files = [Path(name).expanduser() for name in args.embedding]
+    for path in files:
+        if not path.is_file():
+            raise UserError(f"--embedding {path} is not a file" if path.exists() else f"no --embedding file {path}")
+    if args.embeddings_dir is not None:
+        folder = Path(args.embeddings_dir).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"--embeddings-dir {args.embeddings_dir} is not a folder")
+        for path in sorted(folder.glob("*.safetensors")):
+            if not real(path).is_relative_to(real(folder)):
+                raise UserError(f"{path} in --embeddings-dir leads outside it (a link?); copy the file there")
+            files += [path] if path.is_file() else []  # a folder named x.safetensors is no embedding
+    init = open_image(args.init_image) if args.init_image else None
+    if init is not None and min(init.size) < SD15_VAE_FACTOR:
+        raise UserError(f"init image is {init.width}x{init.height}: smaller than {SD15_VAE_FACTOR} pixels a side")
+    return files, init, open_image(args.mask_image, "mask image") if args.mask_image else None
+
+
+def load_for_cli(args: argparse.Namespace, embeddings: list[Path]) -> Pipeline:
+    """The model once per run, with the embeddings (shared_inputs)."""
     device = pick_device(args.device)
     if device.type == "cpu":
         tune_malloc()  # -20% per step on the CPU (bench/README.md)
     pipe = load_pipeline(args.model, device, args.dtype)
+    dtype, why = auto_dtype(device)
+    if args.dtype == "auto" and dtype != torch.float32:  # said once, when auto is not the plain float32 reference
+        print(f"min_pipeline.py: --dtype auto: {str(dtype).removeprefix('torch.')} ({why})", file=sys.stderr)
     if args.compile:
         speed_up(pipe)
-    folder = Path(args.embeddings_dir).expanduser() if args.embeddings_dir else None
-    if folder is not None and not folder.is_dir():
-        raise UserError(f"--embeddings-dir {args.embeddings_dir} is not a folder")
-    for path in [*map(Path, args.embedding), *(sorted(folder.glob("*.safetensors")) if folder else [])]:
+    for path in embeddings:
         try:
             load_embedding(pipe.tokenizer, pipe.text_encoder, path)
         except ValueError as e:  # a name already taken
@@ -193,50 +245,70 @@ class Job:
     mask: Image.Image | None
 
 
-def check_job(args: argparse.Namespace, line: argparse.Namespace, number: int, batch: bool) -> Job | None:
+def check_job(args: argparse.Namespace, line: argparse.Namespace, number: int, batch: bool,
+              init: Image.Image | None, mask: Image.Image | None) -> Job | None:  # fmt: skip
     """A command line's or prompt-file line's generation, every check that needs no model done (against SD 1.5's
     shapes, so that a typo costs no model loading); None for a line --skip-existing skips."""
     settings = job_settings(line)
+    n = settings.num_images
     check_metadata_text(line.prompt, line.negative_prompt)
-    output = Output.parse(f"{args.output.removesuffix('.png')}/" if batch else args.output, settings.num_images)
+    output = Output.parse(f"{args.output.removesuffix('.png')}/" if batch else args.output, n)
     if batch:  # numbered by line, so that --skip-existing can resume a killed job
         output = Output(output.path / f"{number:05d}.png", is_folder=False)
-        if args.skip_existing and output.file(0, settings.num_images).exists():
+        if args.skip_existing and all(output.file(i, n).exists() for i in range(n)):
             return None
-    trajectory, preview_path = watch_files(args, output)
+        output = Output.parse(str(output.path), n)
+    trajectory, preview_path = watch_files(args, output, n, batch)
     loras, prompt = lora_files(line)
-    init = open_image(args.init_image) if args.init_image else None
-    mask = open_image(args.mask_image, "mask image") if args.mask_image else None
+    if not args.plain_prompt:  # what generate() will parse, read now: a typo costs no model loading
+        try:
+            for text in (prompt, line.negative_prompt):
+                [parse_prompt_attention(t) for _, t in prompt_schedules([text], settings.steps)[0]]
+        except (ValueError, OverflowError) as e:
+            raise UserError(f"cannot read the prompt's A1111 syntax ({e}); fix it, or pass --plain-prompt") from None
     return Job(settings, prompt, output, trajectory, preview_path, loras, init, mask)
 
 
 def run_job(pipe: Pipeline, args: argparse.Namespace, line: argparse.Namespace, job: Job, batch: bool) -> list[Path]:
-    """Merge the job's LoRAs, generate, write the PNGs (and the trajectory); returns the files written. The preview
-    file goes when the job ends, unless --keep-preview."""
+    """Merge the job's LoRAs, generate, write the PNGs, then the trajectory; returns the files written. The preview
+    file is claimed (created only if no file has its name) and removed when the job ends, unless --keep-preview kept
+    a finished run's."""
     for path, weight in job.loras:
         try:
             apply_lora(pipe.unet, pipe.text_encoder, path, weight)
-        except ValueError as e:
+        except (ValueError, WeightsError) as e:  # this line's error: the other lines go on
             raise UserError(f"LoRA {path}: {e}") from None
-    watcher = None
-    if job.trajectory or job.preview_path:
-        watcher = Watcher(pipe, job.trajectory is not None, args.trajectory_decoder, args.trajectory_noisy,
-                          job.preview_path, args.preview_every or 1)  # fmt: skip
+    watcher, written, claimed = None, [], False
     try:
+        if job.preview_path:
+            claim(job.preview_path)
+            claimed = True
+        if job.trajectory or job.preview_path:
+            watcher = Watcher(pipe, job.trajectory is not None, args.trajectory_decoder, args.trajectory_noisy,
+                              job.preview_path, args.preview_every or 1)  # fmt: skip
         images = generate(pipe, job.prompt, line.negative_prompt, init_image=job.init, mask_image=job.mask,
                           prompt_syntax="plain" if args.plain_prompt else "a1111", progress=not (args.quiet or batch),
                           callback=watcher, **asdict(job.settings))  # fmt: skip
-        if job.trajectory:
-            watcher.write_trajectory(job.trajectory)
-        written = []
         for i, image in enumerate(images):
             text = parameters_text(job.settings, line.prompt, line.negative_prompt, image.size, args.model,
                                    job.init is not None)  # fmt: skip
             written.append(job.output.save(image, text, i, len(images), job.settings.seed))
+        if job.trajectory:
+            watcher.write_trajectory(job.trajectory)
         return written
+    except OSError as e:  # a disk that filled up, a folder removed meanwhile: every place was checked before
+        raise UserError(f"cannot write {e.filename or 'a file'}: {e.strerror or e}") from None
     finally:
-        if job.preview_path is not None and not args.keep_preview:
+        if claimed and not (args.keep_preview and written and watcher.previews):
             job.preview_path.unlink(missing_ok=True)
+
+
+def report(args: argparse.Namespace, number: int, error: Exception, batch: bool) -> int:
+    """A prompt-file line's error, reported by number (the other lines go on); any other error is raised."""
+    if not batch:
+        raise error
+    print(f"min_pipeline.py: {args.from_file} line {number}: error: {error}", file=sys.stderr)
+    return 1
 
 
 def print_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -245,7 +317,7 @@ def print_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    start, pipe, paths, failed = time.perf_counter(), None, [], 0
+    start, paths, failed = time.perf_counter(), [], 0
     with warnings.catch_warnings():
         warnings.showwarning = print_warning
         try:
@@ -253,26 +325,26 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError("give --prompt or --from-file (one of them)")
             if args.from_file is None and (args.shard or args.skip_existing):
                 raise UserError("--shard and --skip-existing work with --from-file")
-            jobs = prompt_file_jobs(args) if args.from_file else [(0, args)]
             batch = args.from_file is not None
-            for number, job in tqdm(jobs, desc="prompts", disable=not batch or args.quiet):
+            embeddings, init, mask = shared_inputs(args)
+            jobs = []  # every line checked before the model loads; a bad one is reported, the rest go on
+            for number, line in prompt_file_jobs(args) if batch else [(0, args)]:
                 try:
-                    if isinstance(job, str):
-                        raise UserError(job)
-                    checked = check_job(args, job, number, batch)
-                    if checked is None:
-                        continue
-                    pipe = pipe or load_for_cli(args)
-                    paths += run_job(pipe, args, job, checked, batch)
+                    if isinstance(line, str):
+                        raise UserError(line)
+                    if job := check_job(args, line, number, batch, init, mask):
+                        jobs.append((number, line, job))
+                except (UserError, OSError) as e:  # OSError: a path the system refuses (a name too long)
+                    failed += report(args, number, e, batch)
+            pipe = load_for_cli(args, embeddings) if jobs else None
+            for number, line, job in tqdm(jobs, desc="prompts", disable=not batch or args.quiet):
+                try:
+                    paths += run_job(pipe, args, line, job, batch)
                 except (UserError, NonFiniteError) as e:
-                    if not batch:
-                        raise
-                    print(f"min_pipeline.py: {args.from_file} line {number}: error: {e}", file=sys.stderr)
-                    failed += 1
+                    failed += report(args, number, e, batch)
                 finally:
-                    if pipe is not None:
-                        remove_loras(pipe.unet, pipe.text_encoder)  # a line's LoRAs never reach the next line
-        except (UserError, WeightsError) as e:
+                    remove_loras(pipe.unet, pipe.text_encoder)  # a line's LoRAs never reach the next line
+        except (UserError, WeightsError, OSError) as e:
             print(f"min_pipeline.py: error: {e}", file=sys.stderr)
             return 2
         except NonFiniteError as e:

@@ -30,14 +30,10 @@ class Output:
         is_folder = path.is_dir() or output.endswith(("/", os.sep))
         if not is_folder and path.suffix.lower() != ".png":
             raise UserError(f"output {output} must be a .png file name or a folder")
-        folder = path if is_folder else path.parent
-        existing = next(p for p in (folder, *folder.parents) if p.exists())  # where mkdir would start
-        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-            raise UserError(f"cannot write to {folder}: {existing} is not a writable folder")
+        check_folder(path if is_folder else path.parent)
         out = cls(path, is_folder)
         for p in [] if is_folder else [out.file(i, count) for i in range(count)]:
-            if p.exists() and (not os.access(p, os.W_OK) or not p.stat().st_mode & stat.S_IWUSR):
-                raise UserError(f"output {p} exists and is read-only; make it writable or choose another --output")
+            check_file(p, "--output")
         return out
 
     def file(self, i: int, count: int) -> Path:
@@ -64,6 +60,35 @@ class Output:
             return placed
         except OSError as e:
             raise UserError(f"cannot write {placed or self.path}: {e.strerror or e}") from None
+
+
+def check_folder(folder: Path) -> None:
+    """New files can be made in `folder`, or in the folder mkdir would start from where it is missing: tried with a
+    temporary file, as permissions alone do not tell (root, a read-only mount, /proc)."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p.is_symlink())  # a link loop: refused
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".minsd-", suffix=".tmp", dir=existing)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError:
+        raise UserError(f"cannot write to {folder}: {existing} is not a writable folder") from None
+
+
+def check_file(path: Path, option: str) -> None:
+    """A file the run will replace: not a folder, a device (/dev/null) or another special file, not read-only."""
+    if path.exists() and not path.is_file():
+        raise UserError(f"{option} {path} is a folder or a special file; give a file name")
+    if path.exists() and (not os.access(path, os.W_OK) or not path.stat().st_mode & stat.S_IWUSR):
+        raise UserError(f"{option[2:]} {path} exists and is read-only; make it writable or choose another {option}")
+
+
+def claim(path: Path) -> None:
+    """Create `path` empty, only if no file has that name (O_EXCL): a file of the user's is never taken over."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    except FileExistsError:
+        raise UserError(f"{path} exists: remove it, or choose another --output") from None
 
 
 def replace_file(path: Path, image: Image.Image, mode: int | None = None, **save) -> None:

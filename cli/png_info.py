@@ -38,7 +38,13 @@ def parameters_text(s: Settings, prompt: str, negative_prompt: str, size: tuple[
 
 
 def check_metadata_text(prompt: str, negative_prompt: str) -> None:
-    """A prompt line that starts like the negative-prompt line would be read back as the negative prompt."""
+    """Text the PNG can hold (bytes that are not UTF-8 reach Python as lone surrogates, which no PNG chunk can
+    store), and no prompt line that starts like the negative-prompt line, which would be read back as one."""
+    for name, text in (("prompt", prompt), ("negative prompt", negative_prompt)):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise UserError(f"the {name} is not UTF-8 text (byte {text[e.start]!r} at {e.start})") from None
     if any(line.startswith(NEGATIVE) for line in f"{prompt}\n{negative_prompt}".split("\n")):
         raise UserError(f"a prompt line may not start with {NEGATIVE!r} (the PNG metadata would misread it)")
 

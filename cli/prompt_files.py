@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
+import stat
 from pathlib import Path
 
 from settings import UserError
 
 LINE_OPTIONS = ("--prompt", "--negative-prompt", "--seed", "--steps", "--guidance-scale", "--width", "--height",
                 "--scheduler")  # fmt: skip
+MAX_FILE = 64 * 2**20  # bytes: a million prompts; /dev/zero or a wrong file is refused, not read to the end
 
 
 class LineParser(argparse.ArgumentParser):
@@ -29,14 +32,17 @@ def prompt_file_jobs(args: argparse.Namespace) -> list[tuple[int, argparse.Names
     """--from-file: one job per non-empty line, `prompt text --seed 3 --steps 20 ...` or, as A1111's "prompts from
     file" script writes them, options only (`--prompt "..." --steps 20`), in our spelling; numbered from 1. A line
     that cannot be read becomes its error message. --shard K/N keeps the lines with number % N == K."""
-    try:
-        lines = Path(args.from_file).expanduser().read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"cannot read --from-file {args.from_file}: {e}") from None
     k, n = shard(args.shard)
     jobs = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip() or number % n != k:
+    for number, raw in enumerate(read_lines(args.from_file), start=1):
+        if number % n != k:
+            continue
+        try:  # a line at a time, so that one bad byte costs one line
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            jobs.append((number, f"the line is not UTF-8 text ({e.reason} at byte {e.start})"))
+            continue
+        if not line.strip():
             continue
         prompt, sep, rest = f" {line}".partition(" --")
         try:
@@ -48,6 +54,23 @@ def prompt_file_jobs(args: argparse.Namespace) -> list[tuple[int, argparse.Names
         prompt = options.pop("prompt", prompt.strip())
         jobs.append((number, argparse.Namespace(**{**vars(args), **options, "prompt": prompt})))
     return jobs
+
+
+def read_lines(name: str) -> list[bytes]:
+    r"""The lines of a prompt file as bytes, split at \n only (str.splitlines would also split at \x0c, \x85 and
+    Unicode's line breaks, shifting the line numbers), without \r\n endings or a UTF-8 byte-order mark. Only a
+    regular file of at most MAX_FILE bytes is read: never a device, a pipe (which would block) or a huge file."""
+    path = Path(name).expanduser()
+    try:
+        if not stat.S_ISREG(path.stat().st_mode):  # before open(), which waits for a FIFO's writer
+            raise UserError(f"--from-file {name} is not a regular file")
+        with open(path, "rb") as f:
+            data = f.read(MAX_FILE + 1)
+    except OSError as e:
+        raise UserError(f"cannot read --from-file {name}: {e.strerror or e}") from None
+    if len(data) > MAX_FILE:
+        raise UserError(f"--from-file {name} is larger than {MAX_FILE // 2**20} MiB; split it")
+    return [line.removesuffix(b"\r") for line in data.removeprefix(b"\xef\xbb\xbf").split(b"\n")]
 
 
 def shard(spec: str | None) -> tuple[int, int]:
@@ -63,6 +86,6 @@ def shard(spec: str | None) -> tuple[int, int]:
         )
         spec = f"{k or 0}/{n or 1}"
     k, _, n = spec.partition("/")
-    if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
+    if not (re.fullmatch(r"[0-9]{1,9}", k) and re.fullmatch(r"[0-9]{1,9}", n) and int(k) < int(n)):  # not '²'
         raise UserError(f"--shard must be K/N with 0 <= K < N, or auto; got {spec!r}")
     return int(k), int(n)

@@ -4,6 +4,7 @@ contact sheet) and the preview file rewritten during a long run, both from gener
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +38,7 @@ class Watcher:
     def __init__(self, pipe: Pipeline, trajectory: bool = False, decoder: str = "cheap", noisy: bool = False,
                  preview_path: Path | None = None, preview_every: int = 1):  # fmt: skip
         self.pipe, self.trajectory, self.decoder, self.noisy = pipe, trajectory, decoder, noisy
-        self.preview_path, self.preview_every, self.frames = preview_path, preview_every, []
+        self.preview_path, self.preview_every, self.frames, self.previews = preview_path, preview_every, [], 0
 
     def __call__(self, info: StepInfo) -> None:
         if self.trajectory:
@@ -49,8 +50,12 @@ class Watcher:
             self.frames.append(frame)
         if self.preview_path and ((info.i + 1) % self.preview_every == 0 or info.i + 1 == info.calls):
             replace_file(self.preview_path, preview(self.pipe, info.x0[:1]), format="PNG")
+            self.previews += 1
 
     def write_trajectory(self, path: Path) -> None:
+        if not self.frames:  # generate() returned without sampling (an all-black mask: nothing to repaint)
+            warnings.warn(f"no step ran, so there is no trajectory; {path} not written", stacklevel=2)
+            return
         if path.suffix.lower() == ".gif":
             first, *rest = self.frames
             replace_file(path, first, format="GIF", save_all=True, append_images=rest, duration=250, loop=0)

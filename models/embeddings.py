@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from models.loading import WeightsError, load_safetensors
 from tokenizer.clip_tokenizer import CLIPTokenizer, slot_names
+from tokenizer.prompt_syntax import CHUNK
 
 # What an embedding of another width is for: its text encoder's token width.
 OTHER_WIDTHS = {768: "an SD 1.x embedding", 1024: "an SD 2.x embedding (OpenCLIP ViT-H)", 1280: "an SDXL embedding"}
@@ -56,6 +57,8 @@ def load_embedding(
     if got != width:
         kind = OTHER_WIDTHS.get(got, "an embedding for another model")
         raise WeightsError(f"{path} holds {n} vector(s) {got} wide, this text encoder's are {width}: {kind}")
+    if n > CHUNK:  # its ids must share one CLIP window (A1111 fails on such a file too: a window of 77+ tokens)
+        raise WeightsError(f"{path} holds {n} vectors: more than the {CHUNK} tokens of a CLIP window")
     if len(tokenizer) != rows:  # a new id must be its vector's row
         raise WeightsError(f"the tokenizer has {len(tokenizer)} ids but the text encoder {rows} token vectors")
     names = list(islice(slot_names(token), n))

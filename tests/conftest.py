@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
@@ -147,9 +148,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sd15_model_dir(tmp_path_factory) -> Path:
-    """The true SD 1.5 configs with random weights (about 4 GB written to the temporary directory)."""
-    return build_model_folder(tmp_path_factory.mktemp("sd15"), {}, {}, {})
+def sd15_model_dir(tmp_path_factory) -> Iterator[Path]:
+    """The true SD 1.5 configs with random weights: about 4 GB written to the temporary directory, so built once per
+    test run and shared by every test file (session scope), and removed when the run ends, pass or fail. Tests that
+    use it are marked `slow` (`uv run pytest -m "not slow"` skips them)."""
+    folder = build_model_folder(tmp_path_factory.mktemp("sd15"), {}, {}, {})
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items) -> None:
+    """A test that needs a full-size folder is `slow` even where its mark was forgotten, so `-m "not slow"` never
+    builds one."""
+    for item in items:
+        if "sd15_model_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> str:
@@ -229,3 +243,12 @@ def run_both(ours, ref, prompt, negative_prompt="", *, init_image=None, referenc
         ref.set_progress_bar_config(disable=True)
         kwargs |= dict(image=init_image, strength=s.strength)
     return got, ref(**text, **kwargs).images
+
+
+@pytest.fixture(autouse=True)
+def float32_by_default(monkeypatch):
+    """The suite's references are float32: in-process, --dtype auto and load_pipeline(dtype=None) pick float32 on
+    every CPU, AMX or not, so a test means the same on every machine (tests/test_dtype.py checks the AMX choice)."""
+    import resources
+
+    monkeypatch.setattr(resources, "cpu_has_amx", lambda: False)

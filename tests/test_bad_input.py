@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+import cli.main as cli_main
 from cli.main import main
 from cli.outputs import Output
 from cli.png_info import read_parameters
@@ -25,7 +26,7 @@ from images import image_to_tensor
 from min_pipeline import generate, load_pipeline
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["--steps", "2", "--height", "16", "--width", "16", "--device", "cpu", "--quiet"]
+FAST = ["--steps", "2", "--height", "16", "--width", "16", "--device", "cpu", "--dtype", "float32", "--quiet"]
 
 
 def cli(tiny_model_dir: Path, *args: str) -> list[str]:
@@ -273,3 +274,265 @@ def test_a_long_run_is_announced(tiny, monkeypatch):
     monkeypatch.setattr("resources.MAX_STEP_SECONDS", float("inf"))
     with pytest.warns(UserWarning, match=r"16x16 may take up to \d+ min on this CPU"):
         generate(tiny, "x", steps=1, height=16, width=16, progress=False)
+
+
+# ----------------------------------------------------------------------------- issue 23: the second fuzzing pass
+
+
+@pytest.fixture
+def no_model(monkeypatch, tmp_path):
+    """main()'s arguments for a run that must fail before any model loads (loading one fails the test)."""
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr("cli.main.load_pipeline", load)
+    return ["--model", str(tmp_path / "no-model"), *FAST]
+
+
+def one_error(capsys, *words: str) -> str:
+    """The run's only stderr line: an error naming all of `words`."""
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "error: " in err and "Traceback" not in err, err
+    assert all(w in err for w in words), err
+    return err
+
+
+def test_lora_tags_and_embeddings_cannot_leave_their_folders(no_model, tmp_path, capsys):
+    """Item 1: a <lora:NAME> tag is a file inside --lora-dir, an embedding found by name one inside --embeddings-dir;
+    `..`, absolute names and links that lead out are refused before the model loads."""
+    (tmp_path / "outside").mkdir()
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "outside" / "secret.safetensors"))
+    loras, embeddings = tmp_path / "loras", tmp_path / "embeddings"
+    loras.mkdir(), embeddings.mkdir()
+    (loras / "link.safetensors").symlink_to(tmp_path / "outside" / "secret.safetensors")
+    out = ["--lora-dir", str(loras), "--output", str(tmp_path / "o.png")]
+    for tag in ("../outside/secret", str(tmp_path / "outside" / "secret"), "link"):
+        assert main([*no_model, *out, "--prompt", f"x <lora:{tag}:1>"]) == 2
+        one_error(capsys, "outside --lora-dir")
+    (embeddings / "secret.safetensors").symlink_to(tmp_path / "outside" / "secret.safetensors")
+    assert main([*no_model, *out, "--prompt", "secret", "--embeddings-dir", str(embeddings)]) == 2
+    one_error(capsys, "in --embeddings-dir leads outside it")
+
+
+def write_rank_0_lora(path: Path) -> Path:
+    key = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    width = 32  # the tiny text encoder's
+    save_file({f"{key}.lora_down.weight": torch.zeros(0, width), f"{key}.lora_up.weight": torch.zeros(width, 0)},
+              str(path))  # fmt: skip
+    return path
+
+
+def test_a_bad_lora_on_a_prompt_file_line_fails_that_line_only(tiny_model_dir, tmp_path, capsys):
+    """Item 4: a LoRA file that cannot be merged (garbage, rank 0) is its line's error; the other lines run."""
+    loras = tmp_path / "loras"
+    loras.mkdir()
+    (loras / "garbage.safetensors").write_bytes(b"not safetensors")
+    write_rank_0_lora(loras / "rank0.safetensors")
+    (tmp_path / "p.txt").write_text("a <lora:garbage:1>\nb <lora:rank0:1>\nc\n")
+    out = tmp_path / "out"
+    args = ["--model", str(tiny_model_dir), *FAST, "--lora-dir", str(loras), "--output", f"{out}/"]
+    assert main([*args, "--steps", "1", "--from-file", str(tmp_path / "p.txt")]) == 1
+    err = capsys.readouterr().err
+    assert "p.txt line 1: error: LoRA " in err and "p.txt line 2: error: LoRA " in err and "has rank 0" in err
+    assert "Traceback" not in err and sorted(p.name for p in out.iterdir()) == ["00003.png"]
+
+
+def test_the_preview_never_takes_over_a_users_file(no_model, tmp_path, capsys):
+    """Item 5: an existing preview.png (output folder) or x.preview.png is the user's: refused before the model
+    loads and left alone."""
+    folder, mine = tmp_path / "d", b"my own picture"
+    folder.mkdir()
+    for output, preview in ((f"{folder}/", folder / "preview.png"), (f"{tmp_path}/x.png", tmp_path / "x.preview.png")):
+        preview.write_bytes(mine)
+        assert main([*no_model, "--prompt", "x", "--output", output, "--preview-every", "1"]) == 2
+        one_error(capsys, "preview file", "exists")
+        assert preview.read_bytes() == mine
+
+
+def test_the_preview_is_claimed_exclusively_and_removed_after_every_line(tiny_model_dir, tmp_path, monkeypatch):
+    """Item 5: the preview file is created only where none exists (a file that appears after the checks is left
+    alone), removed after every prompt-file line, and kept with --keep-preview only."""
+    args = ["--model", str(tiny_model_dir), *FAST, "--preview-every", "1"]
+    (tmp_path / "p.txt").write_text("a\nb\n")
+    assert main([*args, "--from-file", str(tmp_path / "p.txt"), "--output", str(tmp_path / "batch/")]) == 0
+    assert sorted(p.name for p in (tmp_path / "batch").iterdir()) == ["00001.png", "00002.png"]
+    assert main([*args, "--prompt", "x", "--output", str(tmp_path / "k.png"), "--keep-preview"]) == 0
+    assert Image.open(tmp_path / "k.preview.png").size == (16, 16)
+    check_job = cli_main.check_job
+
+    def user_file_appears(*a, **kw):  # between the checks and the run
+        job = check_job(*a, **kw)
+        job.preview_path.write_bytes(b"mine")
+        return job
+
+    monkeypatch.setattr(cli_main, "check_job", user_file_appears)
+    assert main([*args, "--prompt", "x", "--output", str(tmp_path / "r.png")]) == 2
+    assert (tmp_path / "r.preview.png").read_bytes() == b"mine" and not (tmp_path / "r.png").exists()
+
+
+def test_text_that_is_not_utf8_is_refused_before_the_model_loads(no_model, tmp_path, capsys):
+    """Item 8: bytes that are not UTF-8 in --prompt reach Python as lone surrogates, which no PNG chunk can hold."""
+    for option in ("--prompt", "--negative-prompt"):
+        args = {"--prompt": "a fox", option: "a \udcff fox"}
+        assert main([*no_model, *(x for kv in args.items() for x in kv), "--output", str(tmp_path / "o.png")]) == 2
+        one_error(capsys, "is not UTF-8 text")
+
+
+def test_a_prompt_file_that_is_no_regular_file_or_too_large_is_refused(no_model, tmp_path, capsys, monkeypatch):
+    """Item 9: /dev/zero, a FIFO (which would block) and a file over the size cap are refused without reading them."""
+    os.mkfifo(tmp_path / "fifo")
+    out = ["--output", str(tmp_path / "out/")]
+    for name in ("/dev/zero", str(tmp_path / "fifo"), str(tmp_path)):
+        start = time.monotonic()
+        assert main([*no_model, *out, "--from-file", name]) == 2
+        one_error(capsys, "is not a regular file")
+        assert time.monotonic() - start < 5
+    monkeypatch.setattr("cli.prompt_files.MAX_FILE", 100)
+    (tmp_path / "big.txt").write_text("a fox\n" * 20)
+    assert main([*no_model, *out, "--from-file", str(tmp_path / "big.txt")]) == 2
+    one_error(capsys, "is larger than")
+
+
+def test_every_output_place_is_checked_before_the_model_loads(no_model, tmp_path, capsys):
+    """Item 10: a trajectory that is a folder or cannot be written, an output that cannot be created (/proc), and
+    (fuzzing) an output or trajectory that is a device, which running as root would replace."""
+    (tmp_path / "t.gif").mkdir()
+    (tmp_path / "null.png").symlink_to("/dev/null")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    base = [*no_model, "--prompt", "x"]
+    cases = [(["--trajectory", str(tmp_path / "t.gif")], "is a folder"),
+             (["--trajectory", "/proc/nowhere/t.gif"], "cannot write to /proc/nowhere"),
+             (["--output", "/proc/nowhere/o.png"], "cannot write to /proc/nowhere"),
+             (["--output", f"{tmp_path}/{'x' * 300}/o.png"], "File name too long"),
+             (["--output", str(tmp_path / "null.png")], "is a folder or a special file"),
+             (["--trajectory", str(tmp_path / "null.png")], "is a folder or a special file"),
+             (["--output", str(tmp_path / "loop" / "o.png")], "is not a writable folder"),
+             (["--trajectory", str(tmp_path / "loop" / "t.gif")], "is not a writable folder")]  # fmt: skip
+    for extra, message in cases:
+        assert main([*base, "--output", str(tmp_path / "o.png"), *extra]) == 2
+        one_error(capsys, message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loop", "null.png", "t.gif"]
+
+
+def test_an_all_black_mask_with_a_trajectory_keeps_the_image(tiny_model_dir, tmp_path, capsys):
+    """Item 10: nothing is sampled, so there is no trajectory: a warning, and the image is written."""
+    Image.new("RGB", (16, 16), "red").save(tmp_path / "init.png")
+    Image.new("L", (16, 16), 0).save(tmp_path / "mask.png")
+    args = ["--model", str(tiny_model_dir), *FAST, "--prompt", "x", "--output", str(tmp_path / "o.png")]
+    args += ["--init-image", str(tmp_path / "init.png"), "--mask-image", str(tmp_path / "mask.png")]
+    for trajectory in ("t.gif", "t.png"):
+        assert main([*args, "--trajectory", str(tmp_path / trajectory)]) == 0
+        assert "no step ran, so there is no trajectory" in capsys.readouterr().err
+        assert (tmp_path / "o.png").exists() and not (tmp_path / trajectory).exists()
+
+
+def test_skip_existing_needs_every_image_of_a_line(tmp_path):
+    """Item 11: with --num-images 2 a line whose second image is missing runs again."""
+    (tmp_path / "p.txt").write_text("a fox\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "00001-0.png").write_bytes(b"done")
+    args = cli_main.parse_args(["--from-file", str(tmp_path / "p.txt"), "--output", f"{tmp_path}/out/"]
+                               + ["--skip-existing", "--num-images", "2"])  # fmt: skip
+    (number, line), *_ = cli_main.prompt_file_jobs(args)
+    assert cli_main.check_job(args, line, number, True, None, None) is not None
+    (tmp_path / "out" / "00001-1.png").write_bytes(b"done")
+    assert cli_main.check_job(args, line, number, True, None, None) is None
+
+
+def test_a_prompt_file_never_replaces_a_read_only_file(no_model, tmp_path, capsys):
+    """Item 12: as with --output x.png, a read-only image is refused (the line fails), not replaced."""
+    (tmp_path / "p.txt").write_text("a fox\n")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "00001.png").write_bytes(b"keep me")
+    (tmp_path / "out" / "00001.png").chmod(0o444)
+    assert main([*no_model, "--from-file", str(tmp_path / "p.txt"), "--output", f"{tmp_path}/out/"]) == 1
+    one_error(capsys, "p.txt line 1: error: ", "is read-only")
+    assert (tmp_path / "out" / "00001.png").read_bytes() == b"keep me"
+
+
+def test_prompt_file_global_option_errors_are_reported_once_with_exit_2(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Item 13: a bad --embeddings-dir, --device or --embedding is one error, before any line and exit code 2; an
+    embedding name clash loads the model once."""
+    (tmp_path / "p.txt").write_text("a fox\nan owl\n")
+    base = ["--model", str(tiny_model_dir), *FAST, "--from-file", str(tmp_path / "p.txt"), "--output", f"{tmp_path}/o/"]
+    for extra, message in ((["--embeddings-dir", str(tmp_path / "nope")], "is not a folder"),
+                           (["--device", "cuda:7"], "is not available"),
+                           (["--embedding", str(tmp_path / "nope.safetensors")], "no --embedding file")):  # fmt: skip
+        assert main([*base, *extra]) == 2
+        one_error(capsys, message)
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    for folder in ("a", "b"):
+        save_file({"emb_params": torch.randn(1, 32)}, str(tmp_path / folder / "tok.safetensors"))
+    loads = []
+    monkeypatch.setattr("cli.main.load_pipeline", lambda *a: loads.append(a) or load_pipeline(*a))
+    extra = ["--embedding", str(tmp_path / "a" / "tok.safetensors"), "--embeddings-dir", str(tmp_path / "b")]
+    assert main([*base, *extra]) == 2
+    one_error(capsys, "embedding ", "tok")
+    assert len(loads) == 1 and not (tmp_path / "o").exists()
+
+
+def test_prompt_file_lines_split_at_newlines_only_and_bad_bytes_fail_one_line(tmp_path):
+    """Items 14 and 15: \\x0c, \\x85 and U+2028 are text inside a line (str.splitlines would split there and shift
+    the numbers); a byte that is not UTF-8 fails its line only."""
+    (tmp_path / "p.txt").write_bytes("a\x0cb --seed 1\nc\u2028d\ne\x85f\r\nbad \xff byte\ng\n".encode() + b"bad \xff\n")
+    args = cli_main.parse_args(["--from-file", str(tmp_path / "p.txt")])
+    jobs = cli_main.prompt_file_jobs(args)
+    assert [n for n, _ in jobs] == [1, 2, 3, 4, 5, 6]
+    assert [line.prompt for _, line in jobs[:5]] == ["a\x0cb", "c\u2028d", "e\x85f", "bad \xff byte", "g"]
+    assert isinstance(jobs[5][1], str) and "not UTF-8" in jobs[5][1]
+
+
+def test_an_upright_exif_orientation_is_applied(tmp_path):
+    """Item 17: a JPEG stored 64x32 and shown 32x64 (EXIF orientation 6) is read as shown, as Diffusers' load_image."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    Image.new("RGB", (64, 32), "red").save(tmp_path / "sideways.jpg", exif=exif)
+    assert image_to_tensor(tmp_path / "sideways.jpg", 8).shape == (1, 3, 64, 32)
+
+
+def test_shard_numbers_are_ascii_digits(no_model, tmp_path, capsys):
+    """Item 18: str.isdigit accepts superscripts, which int() does not."""
+    (tmp_path / "p.txt").write_text("a fox\n")
+    for spec in ("0/\u00b2", "\u00b2/3", "1/" + "9" * 5000):
+        assert main([*no_model, "--from-file", str(tmp_path / "p.txt"), "--shard", spec]) == 2
+        one_error(capsys, "--shard must be K/N")
+
+
+def test_settings_and_prompts_that_overflow_are_bad_input_before_loading(no_model, tmp_path, capsys):
+    """Items 19, 20 and 23: a mask blur PIL cannot take, an emphasis weight that overflows to inf, A1111 syntax errors,
+    a 1x1 init image, --embeddings-dir a file, a missing --embedding or a folder named like one: one line, exit code
+    2, no model loaded."""
+    Image.new("RGB", (16, 16)).save(tmp_path / "init.png")
+    Image.new("RGB", (1, 1)).save(tmp_path / "tiny.png")
+    (tmp_path / "dir.safetensors").mkdir()
+    os.mkfifo(tmp_path / "fifo.png")  # open() would wait for a writer
+    init = ["--init-image", str(tmp_path / "init.png"), "--mask-image", str(tmp_path / "init.png")]
+    cases = [(["--prompt", "x", *init, "--mask-blur", str(2**62)], "mask blur must be at most 4096"),
+             (["--prompt", "(x:" + "9" * 400 + ")"], "emphasis weight overflows"),
+             (["--prompt", "x", "--negative-prompt", "(x:1.2.3)"], "cannot read the prompt's A1111 syntax"),
+             (["--prompt", "[a:b:1e999]"], "cannot read the prompt's A1111 syntax"),
+             (["--prompt", "x", "--init-image", str(tmp_path / "tiny.png")], "init image is 1x1"),
+             (["--prompt", "x", "--init-image", str(tmp_path / "fifo.png")], "not a file"),
+             (["--prompt", "x", "--embeddings-dir", str(tmp_path / "init.png")], "is not a folder"),
+             (["--prompt", "x", "--embedding", str(tmp_path / "no.safetensors")], "no --embedding file"),
+             (["--prompt", "x", "--embedding", str(tmp_path / "dir.safetensors")], "is not a file")]  # fmt: skip
+    for extra, message in cases:
+        assert main([*no_model, "--output", str(tmp_path / "o.png"), *extra]) == 2
+        one_error(capsys, message)
+
+
+def test_trajectory_names_that_collide_are_refused(no_model, tmp_path, capsys):
+    """Item 22: the trajectory may not be the output, the preview, nor an A1111-numbered name in the output folder."""
+    out = str(tmp_path / "t.png")
+    for extra in (["--output", out, "--trajectory", out],
+                  ["--output", out, "--num-images", "2", "--trajectory", str(tmp_path / "t-1.png")],
+                  ["--output", out, "--preview-every", "1", "--trajectory", str(tmp_path / "t.preview.png")],
+                  ["--output", f"{tmp_path}/", "--trajectory", str(tmp_path / "00000-0.png")]):  # fmt: skip
+        assert main([*no_model, "--prompt", "x", *extra]) == 2
+        one_error(capsys, "would replace an output image or the preview")
+    init = str(tmp_path / "init.png")
+    Image.new("RGB", (16, 16)).save(init)  # (fuzzing) nor replace an input image
+    for extra in (["--output", init], ["--output", out, "--trajectory", init]):
+        assert main([*no_model, "--prompt", "x", "--init-image", init, *extra]) == 2
+        one_error(capsys, "names the --init-image or --mask-image")

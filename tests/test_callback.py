@@ -99,13 +99,15 @@ def test_trajectory_with_noisy_latents_and_vae_decoder(tiny_model_dir, tmp_path)
 
 @pytest.mark.parametrize("keep", [False, True])
 def test_preview_file_is_rewritten_and_removed_unless_kept(tiny_model_dir, tmp_path, monkeypatch, keep):
+    import cli.outputs
     import cli.trajectory
 
     written = []
-    real = cli.trajectory.replace_file
-    monkeypatch.setattr(
-        cli.trajectory, "replace_file", lambda path, *a, **k: (written.append(path.name), real(path, *a, **k))
-    )
+    real = cli.outputs.replace_file
+    for module in (cli.trajectory, cli.outputs):  # the preview's writer and the image's
+        monkeypatch.setattr(
+            module, "replace_file", lambda path, *a, **k: (written.append(path.name), real(path, *a, **k))
+        )
     args = ["--model", str(tiny_model_dir), "--device", "cpu", "--quiet", "--prompt", "a", "--steps", "5"]
     args += ["--height", "16", "--width", "16", "--output", str(tmp_path / "o.png"), "--preview-every", "2"]
     assert main(args + (["--keep-preview"] if keep else [])) == 0

@@ -51,6 +51,8 @@ def test_cli_writes_png_with_parameters(tiny_model_dir, tmp_path):
         str(tiny_model_dir),
         "--device",
         "cpu",
+        "--dtype",
+        "float32",
         "--clip-skip",
         "1",
         "--output",

@@ -84,6 +84,7 @@ def test_eager_loop_keeps_prompt_editing_and_callbacks(pipe):
 COMPILED = dict(prompt="a red fox in snow", negative_prompt="blurry", steps=3, height=24, width=16, seed=5)
 
 
+@pytest.mark.slow
 def test_compiled_unet_matches_eager(tiny_model_dir, pipe):
     eager = generate(pipe, **COMPILED, scheduler="euler_a", output_type="np", progress=False)
     fast = speed_up(load_pipeline(str(tiny_model_dir), device="cpu", dtype=torch.float32), cuda_graph=True)
@@ -91,6 +92,7 @@ def test_compiled_unet_matches_eager(tiny_model_dir, pipe):
     assert_images_close(got, eager, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_compile_runs(tiny_model_dir, tmp_path, capsys):
     size = ["--height", str(COMPILED["height"]), "--width", str(COMPILED["width"])]
     common = ["--model", str(tiny_model_dir), "--device", "cpu", "--prompt", COMPILED["prompt"], "--negative-prompt",

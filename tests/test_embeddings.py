@@ -15,9 +15,10 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import TINY_TEXT_ENCODER, assert_images_close, max_diff, run_both
-from min_pipeline import encode_prompt, encode_prompts, generate, load_pipeline
+from min_pipeline import generate, load_pipeline
 from models.embeddings import load_embedding
 from models.loading import WeightsError
+from prompts import encode_prompt, encode_prompts
 
 WIDTH = TINY_TEXT_ENCODER["hidden_size"]
 PROMPT = "a photo of <tok> on a beach, <tok> at night"
@@ -208,3 +209,15 @@ def test_cli_embeddings_dir_and_emphasis(tiny_model_dir, tmp_path):
     args += ["--width", "16", "--prompt", "a fox", "--negative-prompt", "(badhands:1.2)", "--embeddings-dir"]
     assert main([*args, str(tmp_path / "emb"), "--output", str(tmp_path / "o.png")]) == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "o.png")), np.asarray(want))
+
+
+def test_refuses_an_embedding_longer_than_a_clip_window(tiny_model_dir, tmp_path):
+    """Issue 23 item 16: an embedding's vectors share one window of 75 tokens; 76 would be split across windows (and
+    beyond 150 the prompt after it was cut), so it is refused, as A1111 cannot use it either. 75 fit."""
+    pipe = ours(tiny_model_dir)
+    before = unchanged(pipe)
+    with pytest.raises(WeightsError, match="holds 76 vectors: more than the 75 tokens of a CLIP window"):
+        load_embedding(pipe.tokenizer, pipe.text_encoder, write(tmp_path / "long.safetensors", 76, "a1111"))
+    assert unchanged(pipe) == before
+    load_embedding(pipe.tokenizer, pipe.text_encoder, write(tmp_path / "fullwin.safetensors", 75, "a1111"))
+    assert encode_prompt(pipe, "a fullwin b").shape[1] == 3 * 77  # a, then a window of the embedding alone, then b

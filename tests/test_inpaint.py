@@ -100,6 +100,7 @@ def test_keep_pixels_pastes_the_original_outside_the_mask(pipes):
     assert np.array_equal(kept[0][~outside], plain[0][~outside])
 
 
+@pytest.mark.slow
 def test_sd15_inpainting_unet_matches_diffusers(sd15_model_dir, tmp_path):
     """The true SD 1.5 inpainting configs (random weights): a 9-channel UNet beside SD 1.5's text encoder and VAE."""
     from diffusers import UNet2DConditionModel

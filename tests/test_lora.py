@@ -521,6 +521,7 @@ SD15_PICKS = [
 SD15_NAMES = {f"{'text_encoder' if layer.startswith('encoder') else 'unet'}.{layer}" for layer in SD15_PICKS}
 
 
+@pytest.mark.slow
 def test_sd15_size_formats_equal_diffusers_fuse_lora(sd15_model_dir, tmp_path):
     """SD 1.5's real shapes (head dims 40-160, 1280-wide levels, 12 text layers), one layer of each kind per level,
     in every format, against one Diffusers pipeline: each file is loaded, fused, compared (the Kohya one's images too,
@@ -559,6 +560,7 @@ def test_sd15_size_formats_equal_diffusers_fuse_lora(sd15_model_dir, tmp_path):
             want[k].copy_(v)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["kohya-ldm", "peft", "old-diffusers"])
 def test_sd15_size_formats_merge_like_the_lora_forward(sd15_model_dir, tmp_path, fmt):
     """The other formats at SD 1.5's real shapes, against the LoRA forward (the Diffusers comparison of each format

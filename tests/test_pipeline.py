@@ -98,6 +98,7 @@ def test_img2img_matches_diffusers(tiny, sampler, strength):
     assert_images_close(got, want, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["euler", "ddim"])
 def test_sd15_txt2img_matches_diffusers(sd15_model_dir, sampler):
     """The true SD 1.5 configs (random weights): 256x256, 4 steps, CFG 7.5. atol 1e-4 on [0, 1] pixels, as for the

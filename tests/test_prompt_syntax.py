@@ -211,3 +211,13 @@ def test_weighted_pieces_are_tokenized_apart(tok):
     a, red, cat, ca, t = (one_id(tok, w) for w in ["a", "red", "cat", "ca", "t"])
     assert chunks(tok, "a (red) cat") == [window([a, red, cat], [1.0, 1.1, 1.0])]
     assert chunks(tok, "(ca)t") == [window([ca, t], [1.1, 1.0])]  # 'ca' + 't', not 'cat'
+
+
+@pytest.mark.parametrize("prompt", ["(x:" + "9" * 400 + ")", "((x:" + "9" * 200 + "):" + "9" * 200 + ")", "(x:70000)",
+                                    "((x:-300):300)"])  # fmt: skip
+def test_an_emphasis_weight_that_overflows_is_an_error(prompt):
+    """Issue 23 item 20: a weight float() reads as inf (or a product of two that overflows), or one beyond float16's
+    range, would make the context inf or NaN. float16's largest, 65504, is still a weight."""
+    with pytest.raises(ValueError, match="emphasis weight overflows: beyond 65504"):
+        parse_prompt_attention(prompt)
+    assert parse_prompt_attention("(x:65504)") == [("x", 65504.0)]

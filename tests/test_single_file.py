@@ -333,6 +333,7 @@ def test_tiny_pipeline_on_single_file_matches_diffusers(tiny_file, tiny_model_di
     assert_images_close(got, reference_image(tiny_reference, sampler, 4, 40, 24, 7), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_sd15_single_file_matches_folder_and_diffusers(sd15_file, sd15_model_dir):
     """Full size, SD 1.5 configs built in (no config folder): each network equals the folder's, and a 256x256
     4-step euler image equals Diffusers' from the same file. atol 1e-4 on [0, 1] pixels, as test_pipeline's
@@ -348,6 +349,7 @@ def test_sd15_single_file_matches_folder_and_diffusers(sd15_file, sd15_model_dir
     assert_images_close(got, want, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_runs_a_single_file(sd15_file, tmp_path, capsys):
     """`--model file.safetensors` with no config anywhere: SD 1.5 configs and the tokenizer/ vocabulary built in."""
     out = tmp_path / "fox.png"

@@ -45,6 +45,7 @@ def test_tiny_text_encoder_matches_transformers(tiny_model_dir, clip_skip):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=lambda m: f"{m}\n{max_diff(got, want)}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("clip_skip", [None, 1])
 def test_sd15_text_encoder_matches_transformers(sd15_model_dir, clip_skip):
     ref_model, ids = reference(sd15_model_dir)

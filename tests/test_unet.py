@@ -136,6 +136,7 @@ SD15_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SD15_CASES.values(), ids=SD15_CASES.keys())
 def test_sd15_unet_matches_diffusers(sd15, case):
     batch, h, w, timestep = case

@@ -142,6 +142,7 @@ def test_legacy_attention_names_load(tiny_model_dir, tmp_path):
         check(ours.encode(x)[0], ref.encode(x).latent_dist.mean, 1e-5, "legacy encode")
 
 
+@pytest.mark.slow
 def test_sd15_decode_matches_diffusers(sd15):
     ours, ref = sd15
     for size in [(1, 32, 32), (1, 16, 24)]:  # 256x256 and a non-square 128x192 image
@@ -151,6 +152,7 @@ def test_sd15_decode_matches_diffusers(sd15):
             check(ours.decode(z), expected, relative_atol(expected), f"SD 1.5 decode {size}")
 
 
+@pytest.mark.slow
 def test_sd15_encode_matches_diffusers(sd15):
     ours, ref = sd15
     x = image(1, 256, 256)  # odd and non-square sizes are covered by the tiny tests

@@ -22,6 +22,7 @@ FACTOR = {")": 1.1, "]": 1 / 1.1}  # A1111 multiplies by 1/1.1 (not divides by 1
 ATTENTION = re.compile(r"\\(?P<esc>[()\[\]\\]?)|(?P<open>[(\[])|:\s*(?P<weight>[+-]?[.\d]+)\s*\)|(?P<close>[)\]])"
                        r"|[^\\()\[\]:]+|:")  # fmt: skip
 BREAK = re.compile(r"\s*\bBREAK\b\s*")  # a whole word, spaces around it dropped
+MAX_WEIGHT = 65504.0  # float16's largest: the weights multiply the text encoder's output in its dtype
 
 
 LORA_TAG = re.compile(r"<lora:([^:<>]+)(?::([^:<>]*))?[^<>]*>")  # A1111's <lora:NAME:WEIGHT> (more fields ignored)
@@ -58,6 +59,8 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
     for closer, starts in opened.items():  # unclosed: all round brackets (outermost first), then all square
         for start in starts:
             scale(start, FACTOR[closer])
+    if not all(abs(w) <= MAX_WEIGHT for _, w in pieces):  # (x:9999...9) or ((x:1e200):1e200): inf, then NaN
+        raise ValueError(f"an emphasis weight overflows: beyond {MAX_WEIGHT:g}, float16's largest number")
     # merge runs of equal weight; groupby compares each weight with its run's first, as A1111 does
     return [("".join(part for part, _ in run), w) for w, run in groupby(pieces or [["", 1.0]], key=itemgetter(1))]
 
