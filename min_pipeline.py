@@ -12,8 +12,9 @@ positive prompt only), and the tokenizer cleans text as OpenAI's CLIP does (ftfy
 `&amp;` or ligatures tokenize as CLIP was trained, where Transformers' tokenizer differs.
 
 The file reads top to bottom: loading, then the algorithm in its order (prompts -> context, the starting latent, the
-sampling loop, decoding) and generate(), which runs it. The settings live in settings.py, the command line in cli.py,
-the fast path in fast_path.py, memory and cost checks in resources.py.
+sampling loop, decoding) and generate(), which runs it. Prompt encoding lives in prompts.py, the settings in
+settings.py, init images and inpainting in images.py, the command line in cli/, the fast path in fast_path.py, memory
+and cost checks in resources.py.
 """
 
 from __future__ import annotations

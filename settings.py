@@ -1,8 +1,8 @@
 """How to sample: the settings of one generation, each with its default and its `--help` text, checked in one place.
 
-`Settings` is the single source of both generate()'s keyword arguments and the command line's options (cli.py builds
-one option per field). `Settings.ready()` is the one validation: the CLI calls it before loading a model (against SD
-1.5's shapes, so a typo costs nothing), generate() against the loaded model's.
+`Settings` is the single source of both generate()'s keyword arguments and the command line's options (cli/main.py
+builds one option per field). `Settings.ready()` is the one validation: the CLI calls it before loading a model
+(against SD 1.5's shapes, so a typo costs nothing), generate() against the loaded model's.
 """
 
 from __future__ import annotations
