@@ -69,9 +69,11 @@ class Settings:
     guidance_scale: float = setting(7.5, "classifier-free guidance scale; <= 1 disables")
     height: int = setting(512, "image height in pixels (multiple of 8)")
     width: int = setting(512, "image width in pixels (multiple of 8)")
-    seed: int = setting(0, "random seed, 0 to 2**32-1 (-1: a random one, printed and recorded in the PNG)")
+    seed: int = setting(0, "random seed, 0 to 2**32-1, or -1 for a random one; generate()'s default 0 keeps scripts "
+                        "reproducible (the CLI's default is -1)")  # fmt: skip
     num_images: int = setting(1, "images to generate for each prompt")
-    clip_skip: int | None = setting(None, "use the CLIP layer this many before the last (1 = A1111 clip skip 2)", int)
+    clip_skip: int | None = setting(None, "use the CLIP layer this many before the last, Diffusers' numbering (1 = "
+                                    "A1111's clip skip 2; the CLI's --clip-skip takes A1111's)", int)  # fmt: skip
     strength: float | None = setting(None, "image-to-image: how much of the init image to redraw (default 0.8; "
                                      "1 when inpainting, as Diffusers)", float)  # fmt: skip
     eta: float = setting(0.0, "DDIM eta (0: deterministic; ddim only)")

@@ -11,10 +11,11 @@ import argparse
 import math
 import os
 import re
+import secrets
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from models.embeddings import load_embedding
 from models.loading import DEFAULT_MODEL, WeightsError
 from models.lora import apply_lora, remove_loras
 from resources import auto_dtype, pick_device, tune_malloc
-from settings import SD15_VAE_FACTOR, NonFiniteError, Settings, UserError
+from settings import MAX_SEED, SD15_CLIP_LAYERS, SD15_VAE_FACTOR, NonFiniteError, Settings, UserError
 from tokenizer.prompt_syntax import lora_tags, parse_prompt_attention, prompt_schedules
 
 
@@ -49,6 +50,17 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+# Where the CLI's option differs from generate()'s keyword (Settings), its default and help: a random seed by default
+# (A1111 and Diffusers draw one; generate() keeps seed 0 for reproducible scripts), and clip skip in A1111's numbering,
+# as the PNG records it (generate() takes Diffusers': A1111's n is clip_skip=n - 1).
+CLI_SETTINGS = {
+    "seed": (-1, "random seed, 0 to 2**32-1, or -1 for a random one (printed on stderr and recorded in the PNG); with "
+             "--num-images N, image i gets seed + i and its own PNG records it, as in A1111"),
+    "clip_skip": (None, f"A1111's clip skip, as the PNG records it: 1 = the last CLIP layer (none skipped), 2 = skip "
+                  f"one layer, ... up to {SD15_CLIP_LAYERS}"),
+}  # fmt: skip
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(
         prog="min_pipeline.py",
@@ -61,11 +73,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--skip-existing", action="store_true", help="--from-file: skip lines whose output exists")
     p.add_argument("--negative-prompt", default="", help="what to steer away from (replaces the empty prompt in CFG)")
     for f in fields(Settings):  # --steps, --guidance-scale, ...: one option per setting
-        flag, help = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        flag = "--" + f.name.replace("_", "-")
+        default, help = CLI_SETTINGS.get(f.name, (f.default, f.metadata["help"]))
         if f.metadata["type"] is bool:
             p.add_argument(flag, action="store_true", help=help)
         else:
-            p.add_argument(flag, type=f.metadata["type"], default=f.default, help=help)
+            p.add_argument(flag, type=f.metadata["type"], default=default, help=help)
     p.add_argument("--plain-prompt", action="store_true",
                    help="read prompts as literal text cut at 77 tokens (Diffusers), not A1111's syntax")  # fmt: skip
     p.add_argument("--init-image", default=None, help="image-to-image: start from this picture (sets the size)")
@@ -104,7 +117,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def job_settings(args: argparse.Namespace) -> Settings:
     """A job's Settings from the CLI's options (a prompt file's line gives some of them as text), ready to run:
-    checked against SD 1.5's shapes before any model loads, the strength's default and a random seed filled in."""
+    checked against SD 1.5's shapes before any model loads, the strength's default and a random seed filled in (one
+    that leaves room for seed + i of every image), --clip-skip turned from A1111's numbering into generate()'s."""
     values = {}
     for f in fields(Settings):
         value = getattr(args, f.name)
@@ -114,9 +128,17 @@ def job_settings(args: argparse.Namespace) -> Settings:
             except ValueError:
                 raise UserError(f"--{f.name.replace('_', '-')} {value!r} is not a number") from None
         values[f.name] = value
+    if values["clip_skip"] is not None:  # A1111's n (1: no layer skipped) is generate()'s n - 1 (Diffusers')
+        if not 1 <= values["clip_skip"] <= SD15_CLIP_LAYERS:
+            raise UserError(f"--clip-skip must be between 1 (no layer skipped) and {SD15_CLIP_LAYERS} (A1111's "
+                            f"numbering), got {values['clip_skip']}")  # fmt: skip
+        values["clip_skip"] = values["clip_skip"] - 1 or None
     settings = Settings(**values).ready(img2img=args.init_image is not None, inpaint=args.mask_image is not None)
     if values["seed"] == -1:
-        print(f"seed: {settings.seed}", file=sys.stderr)
+        settings = replace(settings, seed=secrets.randbelow(MAX_SEED + 2 - settings.num_images))
+    elif settings.seed + settings.num_images - 1 > MAX_SEED:
+        raise UserError(f"--seed {settings.seed} with --num-images {settings.num_images}: image i takes seed + i, "
+                        f"past {MAX_SEED}; give a lower seed")  # fmt: skip
     return settings
 
 
@@ -243,6 +265,7 @@ class Job:
     loras: list[tuple[Path, float]]
     init: Image.Image | None
     mask: Image.Image | None
+    random_seed: bool = False  # drawn for it: printed once the first image is made
 
 
 def check_job(args: argparse.Namespace, line: argparse.Namespace, number: int, batch: bool,
@@ -266,13 +289,14 @@ def check_job(args: argparse.Namespace, line: argparse.Namespace, number: int, b
                 [parse_prompt_attention(t) for _, t in prompt_schedules([text], settings.steps)[0]]
         except (ValueError, OverflowError) as e:
             raise UserError(f"cannot read the prompt's A1111 syntax ({e}); fix it, or pass --plain-prompt") from None
-    return Job(settings, prompt, output, trajectory, preview_path, loras, init, mask)
+    return Job(settings, prompt, output, trajectory, preview_path, loras, init, mask, int(line.seed) == -1)
 
 
 def run_job(pipe: Pipeline, args: argparse.Namespace, line: argparse.Namespace, job: Job, batch: bool) -> list[Path]:
-    """Merge the job's LoRAs, generate, write the PNGs, then the trajectory; returns the files written. The preview
-    file is claimed (created only if no file has its name) and removed when the job ends, unless --keep-preview kept
-    a finished run's."""
+    """Merge the job's LoRAs, generate, write the PNGs, then the trajectory; returns the files written. Image i of a
+    batch is generated alone with seed + i and its own noise, as A1111 does, so that each PNG recreates its image
+    (generate(num_images=N) draws a batch as Diffusers does instead). The preview file is claimed (created only if
+    no file has its name) and removed when the job ends, unless --keep-preview kept a finished run's."""
     for path, weight in job.loras:
         try:
             apply_lora(pipe.unet, pipe.text_encoder, path, weight)
@@ -286,13 +310,20 @@ def run_job(pipe: Pipeline, args: argparse.Namespace, line: argparse.Namespace, 
         if job.trajectory or job.preview_path:
             watcher = Watcher(pipe, job.trajectory is not None, args.trajectory_decoder, args.trajectory_noisy,
                               job.preview_path, args.preview_every or 1)  # fmt: skip
-        images = generate(pipe, job.prompt, line.negative_prompt, init_image=job.init, mask_image=job.mask,
-                          prompt_syntax="plain" if args.plain_prompt else "a1111", progress=not (args.quiet or batch),
-                          callback=watcher, **asdict(job.settings))  # fmt: skip
-        for i, image in enumerate(images):
-            text = parameters_text(job.settings, line.prompt, line.negative_prompt, image.size, args.model,
+        n = job.settings.num_images
+        for i in range(n):
+            settings = replace(job.settings, seed=job.settings.seed + i)  # the PNG: this seed, "Batch size: n"
+            if watcher is not None and i:
+                watcher.trajectory = False  # the trajectory follows the first image
+            [image] = generate(pipe, job.prompt, line.negative_prompt, init_image=job.init, mask_image=job.mask,
+                               prompt_syntax="plain" if args.plain_prompt else "a1111",
+                               progress=not (args.quiet or batch), callback=watcher,
+                               **asdict(replace(settings, num_images=1)))  # fmt: skip
+            if job.random_seed and i == 0:  # once it made an image: an error before stays one line
+                tqdm.write(f"seed: {job.settings.seed}", file=sys.stderr)
+            text = parameters_text(settings, line.prompt, line.negative_prompt, image.size, args.model,
                                    job.init is not None)  # fmt: skip
-            written.append(job.output.save(image, text, i, len(images), job.settings.seed))
+            written.append(job.output.save(image, text, i, n, settings.seed))
         if job.trajectory:
             watcher.write_trajectory(job.trajectory)
         return written

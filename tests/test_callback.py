@@ -72,7 +72,7 @@ def test_trajectory_has_a_frame_per_step_ending_on_the_final_x0(tiny, tiny_model
     ours, _ = tiny
     trajectory, out = tmp_path / f"t{suffix}", tmp_path / "o.png"
     args = ["--model", str(tiny_model_dir), "--device", "cpu", "--quiet", "--prompt", "a fox", "--steps", "4"]
-    args += ["--height", "64", "--width", "64", "--output", str(out), "--trajectory", str(trajectory)]
+    args += ["--height", "64", "--width", "64", "--output", str(out), "--trajectory", str(trajectory), "--seed", "0"]
     assert main(args) == 0
     records = []
     generate(ours, "a fox", steps=4, height=64, width=64, callback=records.append, progress=False)

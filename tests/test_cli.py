@@ -54,7 +54,7 @@ def test_cli_writes_png_with_parameters(tiny_model_dir, tmp_path):
         "--dtype",
         "float32",
         "--clip-skip",
-        "1",
+        "2",
         "--output",
         str(out),
     ]
@@ -100,6 +100,8 @@ def test_cli_numbers_several_images_and_img2img(tiny_model_dir, tmp_path):
         "2",
         "--num-images",
         "2",
+        "--seed",
+        "0",
         "--init-image",
         str(init),
         "--strength",
@@ -112,8 +114,8 @@ def test_cli_numbers_several_images_and_img2img(tiny_model_dir, tmp_path):
         str(tmp_path) + "/",
     )
     assert result.returncode == 0, result.stderr
-    paths = sorted(tmp_path.glob("*-0.png"))
-    assert [p.name for p in paths] == ["00000-0.png", "00001-0.png"]  # A1111-style numbers, then the seed
+    paths = sorted(tmp_path.glob("0*.png"))
+    assert [p.name for p in paths] == ["00000-0.png", "00001-1.png"]  # A1111-style numbers, then each image's seed
     image = Image.open(paths[0])
     assert image.size == (30, 20)
     params = read_parameters(image.text["parameters"])
@@ -186,7 +188,7 @@ BAD_INPUTS = {
     "steps-not-int": (["--steps", "x"], "argument --steps: invalid int value"),
     "steps-too-many": (["--steps", "1000"], "steps must be between 1 and 999"),
     "eta": (["--scheduler", "ddim", "--eta", "1.5"], "eta must be in [0, 1]"),
-    "clip-skip": (["--clip-skip", "3"], "clip skip must be between 0 and 2"),
+    "clip-skip": (["--clip-skip", "4"], "clip skip must be between 0 and 2"),
     "device": (["--device", "cuda:7"], "is not available on this machine"),
     "unknown-device": (["--device", "gpu"], "unknown device 'gpu'"),
     "scheduler-config": (["--model", "{vpred}"], "unsupported scheduler/scheduler_config.json"),

@@ -590,7 +590,7 @@ def test_cli_lora_option_and_prompt_tag(tiny_model_dir, tmp_path, capsys):
     write_format("kohya", tiny_model_dir, pipe, format_lora("kohya", pipe, seed=5), path)
     apply_lora(pipe.unet, pipe.text_encoder, path, 0.7)
     want = np.asarray(generate(pipe, "a fox", steps=2, height=16, width=16, progress=False)[0])
-    base = ["--model", str(tiny_model_dir), *"--device cpu --quiet --steps 2 --height 16 --width 16".split()]
+    base = ["--model", str(tiny_model_dir), *"--device cpu --quiet --steps 2 --height 16 --width 16 --seed 0".split()]
     runs = {"option": ["--prompt", "a fox", "--lora", f"{path}:0.7"],
             "tag": ["--prompt", "a fox<lora:fox:0.7>", "--lora-dir", str(tmp_path / "loras")]}  # fmt: skip
     for name, args in runs.items():
