@@ -271,8 +271,9 @@ def ddpm_step(x: Tensor, eps: Tensor, abar: Tensor, abar_prev: Tensor, noise: Te
 
 
 # ----------------------------------------------------------------------------- one UNet call of each sampler
-# Each sampler twice, as the same update: for step() (i an int, branches taken in Python) and for graph_step(), as
-# a function of device tensors only (i a (1,) tensor read with at(), both sides of a branch computed and one picked
+# A sampler without branches or state (Euler, Euler a, DDIM, DDPM) is one function for both loops, reading the schedule
+# with at(). One with them (Heun, DPM++ 2M) is written twice: for step() (i an int, branches taken in Python) and for
+# graph_step(), as a function of device tensors only (i a (1,) tensor, both sides of a branch computed and one picked
 # with torch.where, the state a tuple of Sampler.states tensors, zeros before the first call).
 
 Noise = Tensor | None  # the ε drawn for this call (Sampler.draws): None where step() draws none, or zeros
@@ -281,26 +282,20 @@ States = tuple[Tensor, ...]  # graph_step's sampler state
 GraphOut = tuple[Tensor, States]
 
 
-def at(v: Tensor, i: Tensor, k: int = 0) -> Tensor:
-    """v[i + k] for a call index i held in a (1,) int64 tensor on v's device, read there (no host sync, so a CUDA
-    graph can replay it); clamped into range, since graph_step also computes the branch it then drops. 0-dim, like
-    the eager loop's v[i], so dtype promotion is the same (float16 ε times it stays float16)."""
+def at(v: Tensor, i: int | Tensor, k: int = 0) -> Tensor:
+    """v[i + k] for step()'s int i, or for a call index i held in a (1,) int64 tensor on v's device, read there (no
+    host sync, so a CUDA graph can replay it); clamped into range, since graph_step also computes the branch it then
+    drops. 0-dim either way, so dtype promotion is the same (float16 ε times it stays float16)."""
+    if isinstance(i, int):
+        return v[i + k]
     return v.index_select(0, (i + k).clamp(0, len(v) - 1)).squeeze(0)
 
 
-def euler(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
-    return euler_step(x, eps, s.sigmas[i], s.sigmas[i + 1]), None
-
-
-def euler_graph(s: Schedule, i: Tensor, x: Tensor, eps: Tensor, state: States, noise: Noise, eta: float) -> GraphOut:
+def euler(s: Schedule, i: int | Tensor, x: Tensor, eps: Tensor, state, noise: Noise, eta: float):
     return euler_step(x, eps, at(s.sigmas, i), at(s.sigmas, i, 1)), state
 
 
-def euler_a(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
-    return euler_ancestral_step(x, eps, s.sigmas[i], s.sigmas[i + 1], noise), None
-
-
-def euler_a_graph(s: Schedule, i: Tensor, x: Tensor, eps: Tensor, state: States, noise: Noise, eta: float) -> GraphOut:
+def euler_a(s: Schedule, i: int | Tensor, x: Tensor, eps: Tensor, state, noise: Noise, eta: float):
     return euler_ancestral_step(x, eps, at(s.sigmas, i), at(s.sigmas, i, 1), noise), state
 
 
@@ -340,20 +335,12 @@ def dpmpp_2m_graph(s: Schedule, i: Tensor, x: Tensor, eps: Tensor, state: States
     return torch.where(first_order, x_first, x_second), (denoised,)
 
 
-def ddim(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
-    return ddim_step(x, eps, s.alpha_bar[i], s.alpha_bar_prev[i], eta, noise), None
-
-
-def ddim_graph(s: Schedule, i: Tensor, x: Tensor, eps: Tensor, state: States, noise: Noise, eta: float) -> GraphOut:
+def ddim(s: Schedule, i: int | Tensor, x: Tensor, eps: Tensor, state, noise: Noise, eta: float):
     return ddim_step(x, eps, at(s.alpha_bar, i), at(s.alpha_bar_prev, i), eta, noise), state
 
 
-def ddpm(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
-    return ddpm_step(x, eps, s.alpha_bar[i], s.alpha_bar_prev[i], noise), None
-
-
-def ddpm_graph(s: Schedule, i: Tensor, x: Tensor, eps: Tensor, state: States, noise: Noise, eta: float) -> GraphOut:
-    return ddpm_step(x, eps, at(s.alpha_bar, i), at(s.alpha_bar_prev, i), noise), state  # a zero ε at t = 0 adds 0
+def ddpm(s: Schedule, i: int | Tensor, x: Tensor, eps: Tensor, state, noise: Noise, eta: float):
+    return ddpm_step(x, eps, at(s.alpha_bar, i), at(s.alpha_bar_prev, i), noise), state  # graph: zero ε at t = 0 adds 0
 
 
 @dataclass(frozen=True)
@@ -367,7 +354,8 @@ class Sampler:
     unet_calls: int  # UNet calls per step (Diffusers' scheduler.order)
     spacing: str  # Diffusers' default timestep_spacing for it
     step: Callable[[Schedule, int, Tensor, Tensor, SamplerState | None, Noise, float], Out]  # one UNet call's update
-    graph: Callable[[Schedule, Tensor, Tensor, Tensor, States, Noise, float], GraphOut]  # the same for graph_step
+    graph: Callable[[Schedule, Tensor, Tensor, Tensor, States, Noise, float], GraphOut] | None = None  # graph_step's
+    # update where `step` has branches or state (None: `step` serves graph_step too)
     states: int = 0  # how many tensors of state graph() carries from call to call (its States)
     draws: Callable[[Tensor, float], bool] = lambda t, eta: False  # does step() draw ε at a call at t, given η
     alpha_bar_prev: Callable[[Tensor, Tensor, SchedulerConfig], Tensor] | None = None  # DDIM/DDPM: the ᾱ steps land on
@@ -378,17 +366,17 @@ class Sampler:
 # its own default (verified in 0.42; older versions carried PNDM's "leading" over to all of them).
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
     Sampler("euler", "Euler", EDM_X, karras=True, unet_calls=1, spacing="linspace",
-            step=euler, graph=euler_graph),
+            step=euler),
     Sampler("euler_a", "Euler a", EDM_X, karras=False, unet_calls=1, spacing="linspace",
-            step=euler_a, graph=euler_a_graph, draws=lambda t, eta: True),
+            step=euler_a, draws=lambda t, eta: True),
     Sampler("heun", "Heun", EDM_X, karras=True, unet_calls=2, spacing="linspace",
             step=heun, graph=heun_graph, states=2),  # x_i, d_i
     Sampler("dpmpp_2m", "DPM++ 2M", X_T, karras=True, unet_calls=1, spacing="linspace",
             step=dpmpp_2m, graph=dpmpp_2m_graph, states=1),  # the previous call's x_θ
     Sampler("ddim", "DDIM", X_T, karras=False, unet_calls=1, spacing="leading",
-            step=ddim, graph=ddim_graph, draws=lambda t, eta: eta > 0, alpha_bar_prev=ddim_alpha_bar_prev, eta=True),
+            step=ddim, draws=lambda t, eta: eta > 0, alpha_bar_prev=ddim_alpha_bar_prev, eta=True),
     Sampler("ddpm", "DDPM", X_T, karras=False, unet_calls=1, spacing="leading",
-            step=ddpm, graph=ddpm_graph, draws=lambda t, eta: bool(t > 0), alpha_bar_prev=ddpm_alpha_bar_prev),
+            step=ddpm, draws=lambda t, eta: bool(t > 0), alpha_bar_prev=ddpm_alpha_bar_prev),
 )}  # fmt: skip
 
 
@@ -531,7 +519,8 @@ def graph_step(s: Schedule, i: Tensor, x: Tensor, eps: Tensor, state: States, no
     at the calls where step() draws none, see draws_noise), the state a tuple of Sampler.states tensors (zeros
     before the first call). Returns the new x and state; bit for bit step()'s on the same device (test_compile)."""
     compute = torch.promote_types(x.dtype, torch.float32)
-    x_next, state = SAMPLERS[s.sampler].graph(s, i, x.to(compute), eps.to(compute), state, noise, eta)
+    sampler = SAMPLERS[s.sampler]
+    x_next, state = (sampler.graph or sampler.step)(s, i, x.to(compute), eps.to(compute), state, noise, eta)
     return x_next.to(x.dtype), state
 
 

@@ -101,7 +101,8 @@ class Settings:
             )
         s = self if self.strength is not None else replace(self, strength=1.0 if inpaint else 0.8)
         s.check(img2img, factor, clip_layers)
-        return s if s.seed != -1 else replace(s, seed=secrets.randbelow(MAX_SEED + 1))
+        # a random seed leaves room for seed + i of every image (the CLI gives image i of a batch its own seed)
+        return s if s.seed != -1 else replace(s, seed=secrets.randbelow(MAX_SEED + 2 - s.num_images))
 
     def check(self, img2img: bool, factor: int, clip_layers: int) -> None:
         sampler = sampling.SAMPLERS.get(self.scheduler)

@@ -11,7 +11,6 @@ import argparse
 import math
 import os
 import re
-import secrets
 import sys
 import time
 import warnings
@@ -134,9 +133,7 @@ def job_settings(args: argparse.Namespace) -> Settings:
                             f"numbering), got {values['clip_skip']}")  # fmt: skip
         values["clip_skip"] = values["clip_skip"] - 1 or None
     settings = Settings(**values).ready(img2img=args.init_image is not None, inpaint=args.mask_image is not None)
-    if values["seed"] == -1:
-        settings = replace(settings, seed=secrets.randbelow(MAX_SEED + 2 - settings.num_images))
-    elif settings.seed + settings.num_images - 1 > MAX_SEED:
+    if values["seed"] != -1 and settings.seed + settings.num_images - 1 > MAX_SEED:
         raise UserError(f"--seed {settings.seed} with --num-images {settings.num_images}: image i takes seed + i, "
                         f"past {MAX_SEED}; give a lower seed")  # fmt: skip
     return settings
