@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import struct
 from pathlib import Path
 
 from tokenizer.clip_tokenizer import CLIPTokenizer, clean
@@ -34,8 +33,7 @@ def sha256(path: str | Path, after_header: bool = False) -> str:
         digest = hashlib.sha256()
         with open(path, "rb") as f:
             if after_header:
-                (n,) = struct.unpack("<Q", f.read(8))
-                f.seek(8 + n)
+                f.seek(8 + int.from_bytes(f.read(8), "little"))  # past the end of a broken file: no bytes
             while chunk := f.read(2**20):
                 digest.update(chunk)
         _cache[key] = digest.hexdigest()
@@ -60,7 +58,7 @@ def hash_fields(model: str, loras: list[tuple[str, Path]], embeddings: list[tupl
     fields = {"Model hash": model_hash(model)}
     lora = [f"{network_name(n)}: {sha256(p, p.suffix == '.safetensors')[:NETWORK_DIGITS]}" for n, p in loras]
     ti = [f"{network_name(n)}: {sha256(p)[:NETWORK_DIGITS]}" for n, p in embeddings]
-    fields |= {"Lora hashes": ", ".join(lora), "TI hashes": ", ".join(ti)}
+    fields |= {"Lora hashes": ", ".join(dict.fromkeys(lora)), "TI hashes": ", ".join(ti)}  # a tag used twice: once
     return {k: v for k, v in fields.items() if v}
 
 

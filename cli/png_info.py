@@ -10,7 +10,7 @@ from pathlib import Path
 from PIL import Image
 
 import scheduler as sampling
-from settings import Settings, UserError
+from settings import MAX_SIZE, Settings, UserError
 
 NEGATIVE = "Negative prompt:"  # starts the second part of A1111's parameters text
 
@@ -160,8 +160,10 @@ def read_png(path: str) -> dict[str, str]:
         raise UserError(f"--from-png {path}: no such file")
     try:
         with Image.open(Path(path).expanduser()) as image:
-            text = image.text.get("parameters") if hasattr(image, "text") else None  # PNG text chunks only
-    except (OSError, ValueError, SyntaxError) as e:
+            text = image.info.get("parameters")  # a text chunk before the pixels (where A1111 and PIL write it)
+            if text is None and hasattr(image, "text") and max(image.size) <= MAX_SIZE:  # after them: decode
+                text = image.text.get("parameters")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise UserError(f"--from-png {path}: cannot read the image ({e})") from None
     if not text:
         raise UserError(f"--from-png {path} holds no `parameters` text (written by minsd or A1111's web UI); nothing "
