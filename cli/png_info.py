@@ -117,15 +117,17 @@ def sampler_from_a1111(sampler: str, schedule_type: str | None) -> tuple[str, bo
 
 def check_schedule_type(value: str, fields: dict[str, str]) -> tuple:
     """Schedule type is read with Sampler (sampler_from_a1111); this row only refuses one minsd cannot run."""
-    name, karras = sampler_from_a1111(fields.get("Sampler", "Euler"), value)
+    _, karras = sampler_from_a1111(fields.get("Sampler", "Euler"), value)
     if value not in SCHEDULE_TYPES or karras != SCHEDULE_TYPES[value]:
         raise NotImplementedError(value)
     return ()
 
 
 def size(value: str, fields: dict[str, str]) -> tuple[int, int]:
-    width, height = re.fullmatch(r"(\d+)x(\d+)", value).groups()  # AttributeError: unreadable
-    return int(width), int(height)
+    match = re.fullmatch(r"(\d+)x(\d+)", value)  # width x height
+    if match is None:
+        raise ValueError(value)
+    return int(match[1]), int(match[2])
 
 
 def number(kind: type) -> Callable[[str, dict[str, str]], tuple]:
@@ -187,6 +189,6 @@ def options_from_png(fields: dict[str, str]) -> tuple[dict[str, object], list[st
             options |= dict(zip(names, read(value, fields), strict=True))
         except NotImplementedError:
             missing.append(f"{key}: {a1111_value(value)}")
-        except (ValueError, AttributeError):
+        except ValueError:
             raise UserError(f"cannot read the PNG's {key}: {value!r}") from None
     return options, missing
