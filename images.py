@@ -16,7 +16,7 @@ from PIL import Image, ImageFilter, ImageOps
 from torch import Tensor
 
 import scheduler as sampling
-from settings import MAX_SIZE, UserError
+from settings import MAX_SIZE, RESIZE_MODES, UserError
 
 
 def open_image(image: Image.Image | str | Path, what: str = "init image") -> Image.Image:
@@ -53,25 +53,74 @@ def to_8bit(image: Image.Image) -> Image.Image:
     return image
 
 
-def image_to_tensor(image: Image.Image | str | Path, multiple: int) -> Tensor:
-    """An init image -> (1, 3, H, W) in [-1, 1], its size cut down to a multiple of the VAE factor (Lanczos
-    resize), as Diffusers' VaeImageProcessor does."""
+def resize_image(image: Image.Image, mode: str, width: int, height: int) -> Image.Image:
+    """An image at width x height as A1111's img2img resize modes make it (modules/images.py resize_image, without
+    an upscaler), always with Lanczos resampling:
+    - just-resize: stretched to the size (A1111's default, "Just resize");
+    - crop-and-resize: scaled to cover the size, its aspect ratio kept, centred, the overflow cut off;
+    - resize-and-fill: scaled to fit inside the size, centred; the empty bands (top and bottom, or left and right)
+      are the image's edge row (column) stretched across them, as A1111 does by resizing a zero-height (zero-width)
+      box at the edge.
+    The scaled side follows A1111's integer arithmetic (rounded down), so the crop and the bands match its pixels."""
+    if mode not in RESIZE_MODES:
+        raise UserError(f"unknown resize mode {mode!r}; choose one of {', '.join(RESIZE_MODES)}")
+    if mode == "just-resize":
+        return image.resize((width, height), resample=Image.LANCZOS)
+    iw, ih = image.size
+    cover = mode == "crop-and-resize"
+    # Match the widths when the box is relatively wider (cover) or narrower (fit) than the image, else the heights.
+    match_width = width / height > iw / ih if cover else width / height < iw / ih
+    w, h = (width, max(1, ih * width // iw)) if match_width else (max(1, iw * height // ih), height)
+    scaled = image.resize((w, h), resample=Image.LANCZOS)
+    out = Image.new(image.mode, (width, height))
+    out.paste(scaled, (width // 2 - w // 2, height // 2 - h // 2))  # centred; a negative offset crops
+    if not cover and match_width and (band := height // 2 - h // 2) > 0:  # bands above and below
+        out.paste(scaled.resize((width, band), Image.LANCZOS, box=(0, 0, width, 0)), (0, 0))
+        out.paste(scaled.resize((width, band), Image.LANCZOS, box=(0, h, width, h)), (0, band + h))
+    elif not cover and not match_width and (band := width // 2 - w // 2) > 0:  # bands left and right
+        out.paste(scaled.resize((band, height), Image.LANCZOS, box=(0, 0, 0, height)), (0, 0))
+        out.paste(scaled.resize((band, height), Image.LANCZOS, box=(w, 0, w, height)), (band + w, 0))
+    return out
+
+
+def target_size(size: tuple[int, int], width: int | None, height: int | None, multiple: int) -> tuple[int, int]:
+    """The (W, H) an init image of `size` is generated at: both given, as given; one given, the other from the
+    image's aspect ratio; none, the image's own; each cut down to a multiple of the VAE factor (Diffusers')."""
+    iw, ih = size
+    w = width if width is not None else iw if height is None else iw * height // ih
+    h = height if height is not None else ih if width is None else ih * width // iw
+    w, h = w - w % multiple, h - h % multiple
+    if not (multiple <= w <= MAX_SIZE and multiple <= h <= MAX_SIZE):
+        raise UserError(f"the init image ({iw}x{ih}) at this size would be {w}x{h}: each side must be between "
+                        f"{multiple} and {MAX_SIZE} pixels; give --width and --height")  # fmt: skip
+    return w, h
+
+
+def image_to_tensor(image: Image.Image | str | Path, multiple: int, width: int | None = None,
+                    height: int | None = None, resize_mode: str = "just-resize") -> Tensor:  # fmt: skip
+    """An init image -> (1, 3, H, W) in [-1, 1]. Without a size its own, cut down to a multiple of the VAE factor
+    (Lanczos resize), as Diffusers' VaeImageProcessor does; with one (target_size), resized to it by `resize_mode`
+    (resize_image)."""
     image = open_image(image).convert("RGB")
-    w, h = (s - s % multiple for s in image.size)
-    if w == 0 or h == 0:
+    if min(image.size) < multiple:
         raise UserError(f"init image is {image.size[0]}x{image.size[1]}: smaller than {multiple} pixels")
-    if (w, h) != image.size:
-        image = image.resize((w, h), resample=Image.LANCZOS)
+    w, h = target_size(image.size, width, height, multiple)
+    if (w, h) != image.size:  # without a size given, just-resize to the multiple is Diffusers' resize
+        image = resize_image(image, resize_mode if (width, height) != (None, None) else "just-resize", w, h)
     x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None]
     return 2.0 * x - 1.0
 
 
-def mask_to_tensor(mask: Image.Image | str | Path, size: tuple[int, int], blur: int) -> tuple[Tensor, Tensor]:
+def mask_to_tensor(mask: Image.Image | str | Path, size: tuple[int, int], blur: int,
+                   resize_mode: str | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
     """An inpainting mask (white = repaint, black = keep; any mode) at the image's size `size` = (W, H), as
     Diffusers' mask processor makes it: optional Gaussian blur (`VaeImageProcessor.blur`), Lanczos resize in the
-    mask's own mode, then greyscale, then binarised at 0.5. Returns the binary (1, 1, H, W) mask and the soft one
-    (blurred, not binarised) that --mask-keep-pixels blends with."""
+    mask's own mode, then greyscale, then binarised at 0.5. With a `resize_mode` (the init image was resized to a
+    given size) the mask is first resized as the image was (resize_image), then blurred at that size. Returns the
+    binary (1, 1, H, W) mask and the soft one (blurred, not binarised) that --mask-keep-pixels blends with."""
     mask = open_image(mask, "mask image")
+    if resize_mode is not None:
+        mask = resize_image(mask, resize_mode, *size)
     if blur:
         mask = mask.filter(ImageFilter.GaussianBlur(blur))
     mask = mask.resize(size, resample=Image.LANCZOS).convert("L")
@@ -96,8 +145,8 @@ class Inpainting:
     noise: Tensor | None = None  # the starting noise, with which `known` is re-noised
 
     @classmethod
-    def read(cls, mask_image, image: Tensor, blur: int, keep_pixels: bool) -> Inpainting:
-        pixel_mask, soft_mask = mask_to_tensor(mask_image, (image.shape[3], image.shape[2]), blur)
+    def read(cls, mask_image, image: Tensor, blur: int, keep_pixels: bool, resize_mode: str | None = None):
+        pixel_mask, soft_mask = mask_to_tensor(mask_image, (image.shape[3], image.shape[2]), blur, resize_mode)
         return cls(image, pixel_mask, soft_mask, keep_pixels)
 
     def masked_image(self) -> Tensor:

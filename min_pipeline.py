@@ -194,15 +194,17 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
              callback: Callable[[StepInfo], None] | None = None, **settings):  # fmt: skip
     """`num_images` images per prompt, as PIL images; output_type "np": float32 (N, H, W, 3) in [0, 1], "pt": (N, 3, H,
     W), "latent": the final latents, as Diffusers. `settings`: the fields of settings.Settings (steps, seed, ...).
-    `init_image`: image-to-image (it sets the size), noised to `strength`; with `mask_image`, inpainting. `callback`
+    `init_image`: image-to-image, noised to `strength`; its size, or a height/width given, to which it is resized by
+    `resize_mode` (as the mask); with `mask_image`, inpainting. `callback`
     gets a StepInfo after every UNet call. seed=-1 draws a random seed (and warns with it)."""
     # 0. Inputs and settings, checked against this model.
     prompts, negatives = check_inputs(prompt, negative_prompt, init_image, mask_image, output_type, prompt_syntax)
     s = model_settings(pipe, settings, init_image is not None, mask_image is not None)
     channels, factor, inpainting_unet = pipe.vae.config.latent_channels, pipe.vae.downsample_factor, pipe.inpainting
-    init = image_to_tensor(init_image, factor) if init_image is not None else None
+    resize = s.resize_mode if (s.width, s.height) != (None, None) else None  # a size given an init image: resize it
+    init = image_to_tensor(init_image, factor, s.width, s.height, s.resize_mode) if init_image is not None else None
     height, width = (init.shape[2], init.shape[3]) if init is not None else (s.height, s.width)  # an image sets it
-    inpaint = Inpainting.read(mask_image, init, s.mask_blur, s.mask_keep_pixels) if mask_image is not None else None
+    inpaint = None if mask_image is None else Inpainting.read(mask_image, init, s.mask_blur, s.mask_keep_pixels, resize)
     n, h, w = len(prompts) * s.num_images, height // factor, width // factor
     if inpaint and not inpaint.pixel_mask.any():
         warnings.warn("the mask is all black: nothing to repaint; returning the image as it is", stacklevel=3)

@@ -26,6 +26,9 @@ MAX_SEED = 2**32 - 1  # seeds are taken modulo 2**32 by the generator: larger on
 # SD 1.5's shapes, for checking settings before a model is loaded (generate() checks against the loaded model).
 SD15_VAE_FACTOR = 8  # pixels per latent: the VAE halves the size at 3 of its 4 levels
 SD15_CLIP_LAYERS = CLIPTextConfig.num_hidden_layers
+DEFAULT_SIZE = 512  # pixels per side without an init image (SD 1.5's training size)
+# How an init image meets a --height/--width of another shape: A1111's img2img resize modes (images.resize_image).
+RESIZE_MODES = ("just-resize", "crop-and-resize", "resize-and-fill")
 
 
 class UserError(ValueError):
@@ -67,8 +70,10 @@ class Settings:
     karras: bool = setting(False, "use the Karras et al. 2022 noise levels (rho 7)")
     steps: int = setting(30, "number of denoising steps")
     guidance_scale: float = setting(7.5, "classifier-free guidance scale; <= 1 disables")
-    height: int = setting(512, "image height in pixels (multiple of 8)")
-    width: int = setting(512, "image width in pixels (multiple of 8)")
+    height: int | None = setting(None, f"image height in pixels (multiple of 8); default {DEFAULT_SIZE}, or the init "
+                                 "image's (given, the init image is resized to it: --resize-mode)", int)  # fmt: skip
+    width: int | None = setting(None, f"image width in pixels (multiple of 8); default {DEFAULT_SIZE}, or the init "
+                                "image's (given, the init image is resized to it: --resize-mode)", int)  # fmt: skip
     seed: int = setting(0, "random seed, 0 to 2**32-1, or -1 for a random one; generate()'s default 0 keeps scripts "
                         "reproducible (the CLI's default is -1)")  # fmt: skip
     num_images: int = setting(1, "images to generate for each prompt")
@@ -81,6 +86,9 @@ class Settings:
     mask_keep_pixels: bool = setting(False, "inpainting: paste the original pixels back outside the mask")
     vae_tiling: bool = setting(False, "VAE in overlapping tiles (Diffusers' enable_tiling): large images in bounded "
                                "memory; switched on by itself when an untiled pass would not fit")  # fmt: skip
+    resize_mode: str = setting("just-resize", "an init image of another size than --height/--width, as A1111: "
+                               "just-resize (stretch), crop-and-resize (cover, cut the overflow at the centre), "
+                               "resize-and-fill (fit, stretch the edges into the empty bands)")  # fmt: skip
 
     def __post_init__(self):  # types first, so that check() compares numbers (numpy integers become ints)
         for f in fields(self):
@@ -91,8 +99,9 @@ class Settings:
     def ready(self, img2img: bool, inpaint: bool, inpainting_unet: bool = False, factor: int = SD15_VAE_FACTOR,
               clip_layers: int = SD15_CLIP_LAYERS) -> Settings:  # fmt: skip
         """The settings a run uses: every one checked (each failure a one-line UserError), the strength's default
-        filled in (Diffusers': 0.8 for image-to-image, 1 for inpainting) and seed -1 replaced by a random seed.
-        `factor` (pixels per latent) and `clip_layers` are the model's; the defaults are SD 1.5's."""
+        filled in (Diffusers': 0.8 for image-to-image, 1 for inpainting), the size's (DEFAULT_SIZE; an init image's
+        own is generate()'s to read) and seed -1 replaced by a random seed. `factor` (pixels per latent) and
+        `clip_layers` are the model's; the defaults are SD 1.5's."""
         if inpaint and not img2img:
             raise UserError("a mask needs an init image: --mask-image marks the part of --init-image to repaint")
         if inpainting_unet and not inpaint:
@@ -100,6 +109,8 @@ class Settings:
                 "this is an inpainting model (9 UNet input channels): give it --init-image and --mask-image"
             )
         s = self if self.strength is not None else replace(self, strength=1.0 if inpaint else 0.8)
+        if not img2img:  # an init image gives the size not given (generate, images.target_size)
+            s = replace(s, **{k: DEFAULT_SIZE for k in ("height", "width") if getattr(s, k) is None})
         s.check(img2img, factor, clip_layers)
         # a random seed leaves room for seed + i of every image (the CLI gives image i of a batch its own seed)
         return s if s.seed != -1 else replace(s, seed=secrets.randbelow(MAX_SEED + 2 - s.num_images))
@@ -119,8 +130,10 @@ class Settings:
         if self.guidance_scale < 0:
             raise UserError(f"guidance scale must be >= 0 (1 disables guidance), got {self.guidance_scale}")
         for name, size in (("height", self.height), ("width", self.width)):
-            if size % factor or not factor <= size <= MAX_SIZE:
+            if size is not None and (size % factor or not factor <= size <= MAX_SIZE):
                 raise UserError(f"{name} must be a multiple of {factor} between {factor} and {MAX_SIZE}, got {size}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise UserError(f"unknown resize mode {self.resize_mode!r}; choose one of {', '.join(RESIZE_MODES)}")
         if not -1 <= self.seed <= MAX_SEED:
             raise UserError(f"seed must be between 0 and {MAX_SEED} (or -1 for a random one), got {self.seed}")
         if not 1 <= self.num_images <= MAX_IMAGES:

@@ -21,8 +21,9 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from cli.hashes import NETWORK_DIGITS, embeddings_in, hash_fields, model_hash, network_name, sha256
 from cli.outputs import Output, check_file, check_folder, claim
-from cli.png_info import check_metadata_text, parameters_text
+from cli.png_info import check_metadata_text, model_name, options_from_png, parameters_text, read_png
 from cli.prompt_files import prompt_file_jobs
 from cli.trajectory import Watcher
 from fast_path import speed_up
@@ -70,6 +71,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--from-file", metavar="FILE", help="one generation per line: 'prompt --seed 3 --steps 20 ...'")
     p.add_argument("--shard", metavar="K/N", help="--from-file: run lines with number %% N == K; auto: RANK/WORLD_SIZE")
     p.add_argument("--skip-existing", action="store_true", help="--from-file: skip lines whose output exists")
+    p.add_argument("--from-png", metavar="PNG", help="run the generation recorded in a PNG (minsd's or A1111's "
+                   "`parameters` text) again; options given here override it")  # fmt: skip
     p.add_argument("--negative-prompt", default="", help="what to steer away from (replaces the empty prompt in CFG)")
     for f in fields(Settings):  # --steps, --guidance-scale, ...: one option per setting
         flag = "--" + f.name.replace("_", "-")
@@ -80,7 +83,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.add_argument(flag, type=f.metadata["type"], default=default, help=help)
     p.add_argument("--plain-prompt", action="store_true",
                    help="read prompts as literal text cut at 77 tokens (Diffusers), not A1111's syntax")  # fmt: skip
-    p.add_argument("--init-image", default=None, help="image-to-image: start from this picture (sets the size)")
+    p.add_argument("--init-image", default=None, help="image-to-image: start from this picture (at its size, or "
+                   "resized to --height/--width by --resize-mode)")  # fmt: skip
     p.add_argument("--mask-image", default=None, help="inpainting: repaint the white part of --init-image")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:WEIGHT]",
                    help="merge a LoRA .safetensors file at WEIGHT (default 1); repeatable")  # fmt: skip
@@ -111,7 +115,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trajectory-noisy", action="store_true", help="show the noisy latent beside each x0 prediction")
     p.add_argument("--preview-every", type=int, metavar="N", help="rewrite <output>.preview.png every N steps")
     p.add_argument("--keep-preview", action="store_true", help="keep the preview file after the run")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    # The options the user typed (which --from-png must not override): parsed again into a namespace that already
+    # holds every option as None, which argparse fills only from the command line, never from the defaults.
+    typed = p.parse_args(argv, namespace=argparse.Namespace(**dict.fromkeys(vars(args))))
+    args.typed = {name for name, value in vars(typed).items() if value is not None}
+    return args
 
 
 def job_settings(args: argparse.Namespace) -> Settings:
@@ -139,6 +148,35 @@ def job_settings(args: argparse.Namespace) -> Settings:
     return settings
 
 
+def from_png(args: argparse.Namespace) -> None:
+    """--from-png: the PNG's recorded prompt and settings become the options the user did not type. The recorded
+    fields minsd does not implement are named in one warning line; a different model or LoRA file in another."""
+    fields = read_png(args.from_png)
+    options, missing = options_from_png(fields)
+    for name, value in options.items():
+        if name not in args.typed:
+            setattr(args, name, value)
+    notes = [f"minsd does not implement {', '.join(missing)}; running without"] if missing else []
+    ours, recorded, recorded_hash = model_name(args.model), fields.get("Model"), fields.get("Model hash")
+    if recorded_hash and model_hash(args.model) not in (None, recorded_hash):
+        notes.append(f"the PNG's Model hash is {recorded_hash} ({recorded}), --model {ours} has "
+                     f"{model_hash(args.model)}: another model")  # fmt: skip
+    elif recorded and recorded != ours and not (recorded_hash and model_hash(args.model)):
+        notes.append(f"the PNG's Model is {recorded}, running with {ours} (--model)")
+    recorded_loras = dict(pair.partition(": ")[::2] for pair in fields.get("Lora hashes", "").split(", "))
+    for name, _ in lora_tags(args.prompt)[0]:
+        path = Path(args.lora_dir).expanduser() / f"{name}.safetensors"
+        want, got = recorded_loras.get(network_name(name)), path.is_file() and sha256(path, True)[:NETWORK_DIGITS]
+        if want and got and want != got:
+            notes.append(f"<lora:{name}> in --lora-dir has hash {got}, the PNG's {want}: another file")
+    if "Denoising strength" in fields and args.init_image is None and "Hires upscale" not in fields:
+        inputs = "--init-image and --mask-image" if "Mask blur" in fields else "--init-image"
+        notes.append(f"the PNG was made from an image (Denoising strength), which it does not hold: give it with "
+                     f"{inputs}; running text-to-image")  # fmt: skip
+    for note in notes:
+        warnings.warn(f"--from-png {args.from_png}: {note}", stacklevel=2)
+
+
 def real(path: Path) -> Path:
     """The path with its links followed; Path.resolve() raises on a link loop (Python 3.11), realpath does not."""
     return Path(os.path.realpath(path))
@@ -146,12 +184,10 @@ def real(path: Path) -> Path:
 
 def lora_files(args: argparse.Namespace) -> tuple[list[tuple[Path, float]], str]:
     """The LoRAs to merge: --lora FILE[:WEIGHT] and the prompt's <lora:NAME:WEIGHT> tags, found in --lora-dir as
-    NAME.safetensors (subfolders allowed, nothing outside it). Returns them and the prompt without its tags (the PNG
-    keeps the tags, as A1111 does)."""
+    NAME.safetensors (subfolders allowed, nothing outside it). Returns them, the tags' first and the --lora files
+    after them, in the order of the tags the PNG records (check_job), and the prompt without its tags (the PNG keeps
+    the tags, as A1111 does)."""
     loras = []
-    for spec in args.lora:
-        path, _, weight = spec.rpartition(":")
-        loras.append((path, weight) if path and re.fullmatch(r"[-+.\deE]+", weight) else (spec, "1"))
     folder = Path(args.lora_dir).expanduser()
     tags, prompt = lora_tags(args.prompt)
     for name, weight in tags:
@@ -163,6 +199,9 @@ def lora_files(args: argparse.Namespace) -> tuple[list[tuple[Path, float]], str]
         if not path.is_file():
             raise UserError(f"<lora:{name}> in the prompt: no {path.name} in {real(folder)}; see --lora-dir")
         loras.append((str(path), weight or "1"))
+    for spec in args.lora:
+        path, _, weight = spec.rpartition(":")
+        loras.append((path, weight) if path and re.fullmatch(r"[-+.\deE]+", weight) else (spec, "1"))
     out = []
     for path, weight in loras:
         try:
@@ -263,6 +302,8 @@ class Job:
     init: Image.Image | None
     mask: Image.Image | None
     random_seed: bool = False  # drawn for it: printed once the first image is made
+    recorded_prompt: str = ""  # the PNG's: as typed, with a <lora:NAME:WEIGHT> tag for each --lora file, as A1111
+    lora_names: tuple[str, ...] = ()  # each of `loras`' name in the PNG's Lora hashes
 
 
 def check_job(args: argparse.Namespace, line: argparse.Namespace, number: int, batch: bool,
@@ -280,16 +321,24 @@ def check_job(args: argparse.Namespace, line: argparse.Namespace, number: int, b
         output = Output.parse(str(output.path), n)
     trajectory, preview_path = watch_files(args, output, n, batch)
     loras, prompt = lora_files(line)
+    # The PNG names every LoRA as A1111 does, by a prompt tag: a --lora file by its name (NAME.safetensors), which
+    # --from-png looks up in --lora-dir as A1111 in its Lora folder. A name no tag can hold is in Lora hashes only.
+    tagged = len(loras) - len(line.lora)  # the prompt's tags come first (lora_files)
+    names = [name for name, _ in lora_tags(line.prompt)[0]] + [path.stem for path, _ in loras[tagged:]]
+    given = zip(names[tagged:], loras[tagged:], strict=True)
+    recorded = line.prompt + "".join(f" <lora:{name}:{w!r}>" for name, (_, w) in given if not set(name) & set(":<>"))
     if not args.plain_prompt:  # what generate() will parse, read now: a typo costs no model loading
         try:
             for text in (prompt, line.negative_prompt):
                 [parse_prompt_attention(t) for _, t in prompt_schedules([text], settings.steps)[0]]
         except (ValueError, OverflowError) as e:
             raise UserError(f"cannot read the prompt's A1111 syntax ({e}); fix it, or pass --plain-prompt") from None
-    return Job(settings, prompt, output, trajectory, preview_path, loras, init, mask, int(line.seed) == -1)
+    return Job(settings, prompt, output, trajectory, preview_path, loras, init, mask, int(line.seed) == -1,
+               recorded_prompt=recorded, lora_names=tuple(names))  # fmt: skip
 
 
-def run_job(pipe: Pipeline, args: argparse.Namespace, line: argparse.Namespace, job: Job, batch: bool) -> list[Path]:
+def run_job(pipe: Pipeline, args: argparse.Namespace, line: argparse.Namespace, job: Job, batch: bool,
+            embeddings: list[Path] = ()) -> list[Path]:  # fmt: skip
     """Merge the job's LoRAs, generate, write the PNGs, then the trajectory; returns the files written. Image i of a
     batch is generated alone with seed + i and its own noise, as A1111 does, so that each PNG recreates its image
     (generate(num_images=N) draws a batch as Diffusers does instead). The preview file is claimed (created only if
@@ -318,8 +367,10 @@ def run_job(pipe: Pipeline, args: argparse.Namespace, line: argparse.Namespace, 
                                **asdict(replace(settings, num_images=1)))  # fmt: skip
             if job.random_seed and i == 0:  # once it made an image: an error before stays one line
                 tqdm.write(f"seed: {job.settings.seed}", file=sys.stderr)
-            text = parameters_text(settings, line.prompt, line.negative_prompt, image.size, args.model,
-                                   job.init is not None)  # fmt: skip
+            used = embeddings_in(pipe.tokenizer, embeddings, [job.prompt, line.negative_prompt])
+            hashes = hash_fields(args.model, list(zip(job.lora_names, [p for p, _ in job.loras], strict=True)), used)
+            text = parameters_text(settings, job.recorded_prompt, line.negative_prompt, image.size, args.model,
+                                   job.init is not None, hashes)  # fmt: skip
             written.append(job.output.save(image, text, i, n, settings.seed))
         if job.trajectory:
             watcher.write_trajectory(job.trajectory)
@@ -335,12 +386,12 @@ def report(args: argparse.Namespace, number: int, error: Exception, batch: bool)
     """A prompt-file line's error, reported by number (the other lines go on); any other error is raised."""
     if not batch:
         raise error
-    print(f"min_pipeline.py: {args.from_file} line {number}: error: {error}", file=sys.stderr)
+    tqdm.write(f"min_pipeline.py: {args.from_file} line {number}: error: {error}", file=sys.stderr)  # not on the bar
     return 1
 
 
 def print_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"min_pipeline.py: warning: {message}", file=sys.stderr)  # one line, not warnings' file:line + source
+    tqdm.write(f"min_pipeline.py: warning: {message}", file=sys.stderr)  # one line, not warnings' file:line + source
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -349,11 +400,20 @@ def main(argv: list[str] | None = None) -> int:
     with warnings.catch_warnings():
         warnings.showwarning = print_warning
         try:
+            if args.from_png is not None:
+                if args.from_file is not None:
+                    raise UserError("give --from-png or --from-file, not both")
+                from_png(args)  # the PNG's prompt and settings, where not typed
             if (args.prompt is None) == (args.from_file is None):
-                raise UserError("give --prompt or --from-file (one of them)")
+                raise UserError("give --prompt, --from-file or --from-png (one of them)")
             if args.from_file is None and (args.shard or args.skip_existing):
                 raise UserError("--shard and --skip-existing work with --from-file")
             batch = args.from_file is not None
+            output = Path(args.output).expanduser()
+            if batch and "output" in args.typed and output.suffix.lower() == ".png" and not output.is_dir():
+                folder = args.output.removesuffix(output.suffix) + "/"
+                raise UserError(f"--from-file writes one image per line into a folder: give --output a folder "
+                                f"({folder}), not the file name {args.output}")  # fmt: skip
             embeddings, init, mask = shared_inputs(args)
             jobs = []  # every line checked before the model loads; a bad one is reported, the rest go on
             for number, line in prompt_file_jobs(args) if batch else [(0, args)]:
@@ -367,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
             pipe = load_for_cli(args, embeddings) if jobs else None
             for number, line, job in tqdm(jobs, desc="prompts", disable=not batch or args.quiet):
                 try:
-                    paths += run_job(pipe, args, line, job, batch)
+                    paths += run_job(pipe, args, line, job, batch, embeddings)
                 except (UserError, NonFiniteError) as e:
                     failed += report(args, number, e, batch)
                 finally:

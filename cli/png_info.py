@@ -4,20 +4,25 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
+from PIL import Image
+
 import scheduler as sampling
-from settings import Settings, UserError
+from settings import MAX_SIZE, Settings, UserError
 
 NEGATIVE = "Negative prompt:"  # starts the second part of A1111's parameters text
 
 
 def parameters_text(s: Settings, prompt: str, negative_prompt: str, size: tuple[int, int], model: str,
-                    img2img: bool = False) -> str:  # fmt: skip
+                    img2img: bool = False, hashes: dict[str, str] | None = None) -> str:  # fmt: skip
     """The `parameters` PNG text chunk as A1111's web UI writes it (and Civitai, ComfyUI importers read it):
     prompt line, "Negative prompt: ..." line, then "Key: value" pairs. Our clip skip k is A1111's k + 1. `model`
-    is recorded by name (see model_name), never as a path."""
+    is recorded by name (see model_name), never as a path; `hashes` are cli.hashes.hash_fields' (Model hash, Lora
+    hashes, TI hashes)."""
     check_metadata_text(prompt, negative_prompt)
+    hashes = hashes or {}
     fields = {
         "Steps": s.steps,
         "Sampler": sampling.SAMPLERS[s.scheduler].a1111_name,
@@ -25,12 +30,15 @@ def parameters_text(s: Settings, prompt: str, negative_prompt: str, size: tuple[
         "CFG scale": s.guidance_scale,
         "Seed": s.seed,
         "Size": f"{size[0]}x{size[1]}",
+        "Model hash": hashes.get("Model hash"),
         "Model": model_name(model),
         "Batch size": s.num_images if s.num_images > 1 else None,
         "Clip skip": s.clip_skip + 1 if s.clip_skip else None,
         "Denoising strength": s.strength if img2img else None,
         "Mask blur": s.mask_blur or None,
         "Eta": s.eta if s.eta else None,
+        "Lora hashes": hashes.get("Lora hashes"),
+        "TI hashes": hashes.get("TI hashes"),
     }
     pairs = ", ".join(f"{k}: {a1111_value(v)}" for k, v in fields.items() if v is not None)
     negative = f"\n{NEGATIVE} {negative_prompt}" if negative_prompt else ""
@@ -60,19 +68,127 @@ def model_name(model: str) -> str:
 
 def a1111_value(value: object) -> str:
     text = str(value)  # A1111 quotes a value that holds its separators (JSON string syntax)
-    return json.dumps(text) if any(c in text for c in ",:\n") else text
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+# A1111's "Key: value" pair: a key of words (spaces, - and / inside), a value up to the next comma, or a JSON string
+# (A1111 quotes a value that holds a comma, colon or newline), then a comma or the end of the line.
+PAIR = re.compile(r'\s*(\w[\w \-/]*):\s*("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)')
 
 
 def read_parameters(text: str) -> dict[str, str]:
-    """Parse a `parameters` chunk back into {"prompt", "negative_prompt", "Steps", "Sampler", ...}."""
-    *head, last = text.split("\n")
+    """Parse a `parameters` chunk back into {"prompt", "negative_prompt", "Steps", "Sampler", ...}, as A1111's
+    parse_generation_parameters reads it: prompt lines (several allowed), then from a line starting with
+    "Negative prompt:" the negative prompt's lines, then the "Key: value, ..." line, which is taken for one only if
+    it holds at least 3 pairs (else it is prompt text). Quoted values are decoded (their commas and colons kept);
+    a field's text is kept as written (Size stays "512x768"), unknown fields included."""
+    lines = text.rstrip().split("\n")
+    last = lines[-1] if len(PAIR.findall(lines[-1])) >= 3 else ""
     out = {"prompt": "", "negative_prompt": ""}
     key = "prompt"
-    for line in head:
+    for line in lines[:-1] if last else lines:
+        line = line.removesuffix("\r")
         if line.startswith(NEGATIVE):
             key, line = "negative_prompt", line.removeprefix(NEGATIVE).removeprefix(" ")
         out[key] = line if not out[key] else out[key] + "\n" + line
-    # "Key: value" pairs; a value with a comma, colon or newline is JSON-quoted.
-    for k, v in re.findall(r'\s*([\w ]+): ("(?:\\.|[^\\"])*"|[^,]*)(?:,|$)', last):
-        out[k] = json.loads(v) if v.startswith('"') else v
+    for k, v in PAIR.findall(last):
+        try:
+            out[k] = json.loads(v) if v.startswith('"') and v.endswith('"') and len(v) > 1 else v.strip()
+        except json.JSONDecodeError:
+            out[k] = v  # as A1111: a value that only looks quoted stays as written
     return out
+
+
+# ----------------------------------------------------------------------------- --from-png: the text -> CLI options
+
+SCHEDULE_TYPES = {"Automatic": False, "Karras": True}  # A1111's Schedule type -> our --karras
+
+
+def sampler_from_a1111(sampler: str, schedule_type: str | None) -> tuple[str, bool]:
+    """A1111's Sampler and Schedule type -> our --scheduler and --karras. Before A1111 1.9 the schedule was part of
+    the sampler's name ("DPM++ 2M Karras"). A sampler minsd lacks raises NotImplementedError; a schedule type the
+    sampler cannot use gives karras False (FROM_PNG's "Schedule type" row names it)."""
+    name = sampler.removesuffix(" Karras")
+    for s in sampling.SAMPLERS.values():
+        if s.a1111_name == name:
+            return s.name, s.karras and (name != sampler or SCHEDULE_TYPES.get(schedule_type) is True)
+    raise NotImplementedError(sampler)
+
+
+def check_schedule_type(value: str, fields: dict[str, str]) -> tuple:
+    """Schedule type is read with Sampler (sampler_from_a1111); this row only refuses one minsd cannot run."""
+    _, karras = sampler_from_a1111(fields.get("Sampler", "Euler"), value)
+    if value not in SCHEDULE_TYPES or karras != SCHEDULE_TYPES[value]:
+        raise NotImplementedError(value)
+    return ()
+
+
+def size(value: str, fields: dict[str, str]) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)x(\d+)", value)  # width x height
+    if match is None:
+        raise ValueError(value)
+    return int(match[1]), int(match[2])
+
+
+def number(kind: type) -> Callable[[str, dict[str, str]], tuple]:
+    return lambda value, fields: (kind(value),)
+
+
+# What --from-png runs again: A1111 field -> (the CLI options it sets, how its text and the other fields give their
+# values). A function raises NotImplementedError for a value minsd cannot run (named in the warning), ValueError for
+# text it cannot read. Clip skip is A1111's numbering, as the CLI's --clip-skip.
+FROM_PNG: dict[str, tuple[tuple[str, ...], Callable[[str, dict[str, str]], tuple]]] = {
+    "Steps": (("steps",), number(int)),
+    "Sampler": (("scheduler", "karras"), lambda value, fields: sampler_from_a1111(value, fields.get("Schedule type"))),
+    "Schedule type": ((), check_schedule_type),
+    "CFG scale": (("guidance_scale",), number(float)),
+    "Seed": (("seed",), number(int)),
+    "Size": (("width", "height"), size),
+    "Clip skip": (("clip_skip",), number(int)),
+    "Denoising strength": (("strength",), number(float)),
+    "Mask blur": (("mask_blur",), number(int)),
+    "Eta": (("eta",), number(float)),
+    "Eta DDIM": (("eta",), number(float)),  # A1111's name for DDIM's eta
+}
+# Fields that say what made the image, and set nothing: the model and files (compared, not loaded), A1111's version,
+# and the batch (each image of one is recreated alone by its own seed).
+INFORMATIONAL = ("Model", "Model hash", "Lora hashes", "TI hashes", "Version", "Batch size")
+
+
+def read_png(path: str) -> dict[str, str]:
+    """The `parameters` text of a PNG written by minsd or A1111, parsed (read_parameters); one UserError if the file
+    cannot be read or holds no such text."""
+    if not Path(path).expanduser().is_file():
+        raise UserError(f"--from-png {path}: no such file")
+    try:
+        with Image.open(Path(path).expanduser()) as image:
+            text = image.info.get("parameters")  # a text chunk before the pixels (where A1111 and PIL write it)
+            if text is None and hasattr(image, "text") and max(image.size) <= MAX_SIZE:  # after them: decode
+                text = image.text.get("parameters")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise UserError(f"--from-png {path}: cannot read the image ({e})") from None
+    if not text:
+        raise UserError(f"--from-png {path} holds no `parameters` text (written by minsd or A1111's web UI); nothing "
+                        f"to run again")  # fmt: skip
+    return read_parameters(text)
+
+
+def options_from_png(fields: dict[str, str]) -> tuple[dict[str, object], list[str]]:
+    """The CLI options a parsed `parameters` text sets ({"prompt": ..., "steps": 20, ...}), and the "Key: value"
+    fields minsd does not implement (neither in FROM_PNG nor INFORMATIONAL, or with a value it cannot run)."""
+    options = {"prompt": fields["prompt"], "negative_prompt": fields["negative_prompt"]}
+    missing = []
+    for key, value in fields.items():
+        if key in ("prompt", "negative_prompt") or key in INFORMATIONAL:
+            continue
+        if key not in FROM_PNG:
+            missing.append(f"{key}: {a1111_value(value)}")
+            continue
+        names, read = FROM_PNG[key]
+        try:
+            options |= dict(zip(names, read(value, fields), strict=True))
+        except NotImplementedError:
+            missing.append(f"{key}: {a1111_value(value)}")
+        except ValueError:
+            raise UserError(f"cannot read the PNG's {key}: {value!r}") from None
+    return options, missing

@@ -23,6 +23,7 @@ class LineParser(argparse.ArgumentParser):
         super().__init__(**kwargs)
         for flag in LINE_OPTIONS:
             self.add_argument(flag, type=str)
+        self.add_argument("--lora", action="append")  # FILE[:WEIGHT], repeatable: added to the command line's
 
     def error(self, message: str):
         raise UserError(message)
@@ -30,7 +31,8 @@ class LineParser(argparse.ArgumentParser):
 
 def prompt_file_jobs(args: argparse.Namespace) -> list[tuple[int, argparse.Namespace | str]]:
     """--from-file: one job per non-empty line, `prompt text --seed 3 --steps 20 ...` or, as A1111's "prompts from
-    file" script writes them, options only (`--prompt "..." --steps 20`), in our spelling; numbered from 1. A line
+    file" script writes them, options only (`--prompt "..." --steps 20`), in our spelling; numbered from 1. A line's
+    --lora files are merged with the command line's (for that line only). A line
     that cannot be read becomes its error message. --shard K/N keeps the lines with number % N == K."""
     k, n = shard(args.shard)
     jobs = []
@@ -51,6 +53,7 @@ def prompt_file_jobs(args: argparse.Namespace) -> list[tuple[int, argparse.Names
             jobs.append((number, f"cannot read the line: {e}"))
             continue
         options = {k: v for k, v in options.items() if v is not None}
+        options["lora"] = args.lora + options.get("lora", [])
         prompt = options.pop("prompt", prompt.strip())
         jobs.append((number, argparse.Namespace(**{**vars(args), **options, "prompt": prompt})))
     return jobs
