@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import hires
 import scheduler as sampling
 from images import Inpainting, image_to_tensor
 from models.clip import CLIPTextModel
@@ -184,6 +185,34 @@ def check_finite(x: torch.Tensor, stage: str) -> None:
         raise NonFiniteError(f"the {stage} produced NaN or inf values (broken weights or an overflow); nothing written")
 
 
+# ------------------------------------------------------------------------- 5. hires fix: upscale, then image-to-image
+
+
+def hires_fix(pipe: Pipeline, x: torch.Tensor, s: Settings, contexts: list[tuple[int, torch.Tensor]],
+              guidance: float | None, generator: torch.Generator, tiled: bool, callback: Callable | None = None,
+              progress: bool = True) -> tuple[torch.Tensor, bool]:  # fmt: skip
+    """A1111's hires fix (processing.py, sample_hr_pass): the first pass's latents x upscaled by s.hires_scale, as
+    latents or as pixels (decode, PIL resize, encode: hires.py), then an image-to-image pass at the larger size with
+    fresh noise from the same generator: noised to the level where the last `run` steps of a `total`-step schedule
+    start (hires.img2img_steps), and those steps run. Returns the latents and whether the VAE tiles at that size."""
+    factor = pipe.vae.downsample_factor
+    height, width = hires.target_size(x.shape[2] * factor, x.shape[3] * factor, s.hires_scale, factor)
+    big_tiled = choose_tiling(pipe, s.vae_tiling, (height, width))  # the larger size may need the VAE in tiles
+    total, run = hires.img2img_steps(s.steps, s.hires_steps, s.hires_denoise)
+    strength = min(1.0, (run + 0.5) / total)  # make_schedule keeps int(total * strength) = run steps, round-off or not
+    schedule = sampling.make_schedule(s.scheduler, total, pipe.scheduler_config, s.karras, strength=strength)
+    schedule = replace(schedule, first_step=0)  # prompt editing counts the second pass's steps from 0, as A1111
+    check_cost(pipe, len(x) * (2 if guidance else 1), (height, width), len(schedule.timesteps), big_tiled)
+    if s.hires_upscaler in hires.LATENT_MODES:
+        x = hires.upscale_latents(x, (height // factor, width // factor), s.hires_upscaler)
+    else:  # the image upscalers work on pixels: decode, resize, encode (one posterior draw for the batch)
+        pixels = torch.cat([decode(pipe, x[i : i + 1], tiled) for i in range(len(x))])
+        big = hires.upscale_images(pixels, s.hires_scale, factor, s.hires_upscaler)  # (B, 3, H, W) in [-1, 1]
+        x = encode_image(pipe, big, generator, big_tiled)
+    x = sampling.add_noise(schedule, x, sampling.draw_noise(x.shape, pipe.dtype, pipe.device, generator))
+    return sample(pipe, schedule, x, contexts, guidance, generator, s.eta, None, callback, progress), big_tiled
+
+
 # ----------------------------------------------------------------------------- generate
 
 
@@ -243,6 +272,14 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
     else:
         x = sample(pipe, schedule, x, contexts, guidance, generator, s.eta, inpaint, callback, progress)
     check_finite(x, "denoising loop (UNet and sampler)")
+
+    # 5. The hires fix, between the loop and the decode (section 5): upscale, then image-to-image at the larger size.
+    if s.hires_scale > 1:
+        if len(contexts) > 1:  # prompt editing switches at the second pass's own steps (A1111's hires conds)
+            hires_s = replace(s, steps=s.hires_steps or s.steps)
+            contexts = conditioning(pipe, prompts, negatives, hires_s, guidance is not None, prompt_syntax)
+        x, tiled = hires_fix(pipe, x, s, contexts, guidance, generator, tiled, callback, progress)
+        check_finite(x, "hires fix's second pass")
     if output_type == "latent":
         return x
 

@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import hires
 import scheduler as sampling
 from settings import Settings, UserError
 
@@ -18,6 +19,8 @@ def parameters_text(s: Settings, prompt: str, negative_prompt: str, size: tuple[
     prompt line, "Negative prompt: ..." line, then "Key: value" pairs. Our clip skip k is A1111's k + 1. `model`
     is recorded by name (see model_name), never as a path."""
     check_metadata_text(prompt, negative_prompt)
+    hires_fix = s.hires_scale > 1 and not img2img
+    size = (s.width, s.height) if hires_fix else size  # A1111 records the first pass's size, and the scale
     fields = {
         "Steps": s.steps,
         "Sampler": sampling.SAMPLERS[s.scheduler].a1111_name,
@@ -28,9 +31,12 @@ def parameters_text(s: Settings, prompt: str, negative_prompt: str, size: tuple[
         "Model": model_name(model),
         "Batch size": s.num_images if s.num_images > 1 else None,
         "Clip skip": s.clip_skip + 1 if s.clip_skip else None,
-        "Denoising strength": s.strength if img2img else None,
+        "Denoising strength": s.strength if img2img else (s.hires_denoise if hires_fix else None),
         "Mask blur": s.mask_blur or None,
         "Eta": s.eta if s.eta else None,
+        "Hires upscale": f"{s.hires_scale:g}" if hires_fix else None,  # A1111's extra_generation_params, in order
+        "Hires steps": s.hires_steps or None if hires_fix else None,
+        "Hires upscaler": hires.A1111_NAMES[s.hires_upscaler] if hires_fix else None,
     }
     pairs = ", ".join(f"{k}: {a1111_value(v)}" for k, v in fields.items() if v is not None)
     negative = f"\n{NEGATIVE} {negative_prompt}" if negative_prompt else ""
