@@ -33,7 +33,8 @@ import hires
 import scheduler as sampling
 from images import Inpainting, image_to_tensor
 from models.clip import CLIPTextModel
-from models.loading import DEFAULT_MODEL, load_model
+from models.loading import DEFAULT_MODEL, WeightsError, load_model, load_vae
+from models.taesd import TinyAutoencoder
 from models.unet import UNet
 from models.vae import AutoencoderKL, sample_latent
 from prompts import conditioning
@@ -51,7 +52,7 @@ class Pipeline:
     tokenizer: CLIPTokenizer
     text_encoder: CLIPTextModel
     unet: UNet
-    vae: AutoencoderKL
+    vae: AutoencoderKL | TinyAutoencoder  # the model's VAE, or the one given to load_pipeline
     scheduler_config: sampling.SchedulerConfig
     device: torch.device
     dtype: torch.dtype
@@ -65,12 +66,15 @@ class Pipeline:
 
 
 def load_pipeline(model: str = DEFAULT_MODEL, device: str | torch.device | None = None,
-                  dtype: str | torch.dtype | None = None, config: str | None = None) -> Pipeline:  # fmt: skip
+                  dtype: str | torch.dtype | None = None, config: str | None = None,
+                  vae: str | None = None) -> Pipeline:  # fmt: skip
     """Load tokenizer, text encoder, UNet, VAE and the scheduler config from a Diffusers-layout folder, a hub repo
     id, or an original single-file checkpoint (`.safetensors`; SD 1.5 configs built in, or those of the
     Diffusers-layout folder `config`). `dtype` is a torch dtype or its name ("float16"); None or "auto" picks
     resources.auto_dtype's: float16 on CUDA, bfloat16 on a CPU with AMX, float32 elsewhere. bfloat16 on an AVX2-only
     CPU (about 100x slower than fp32: bench/README.md) and float16 on a CPU (about 27x) get a warning.
+    `vae`: another VAE in place of the model's (models.loading.load_vae: a Diffusers AutoencoderKL or TAESD folder or
+    hub repo, an LDM VAE file, TAESD's original files).
     """
     dtype = None if dtype == "auto" else dtype
     if isinstance(dtype, str):
@@ -86,6 +90,11 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: str | torch.device | None 
     if dev.type == "cpu" and dtype == torch.float16:
         warnings.warn("float16 on a CPU is about 27x slower than float32; use --dtype float32", stacklevel=2)
     m = load_model(model, dtype, dev, config)
+    if vae is not None:  # a VAE of its own (a fine-tuned one, or TAESD): it must speak the UNet's latents
+        m = m._replace(vae=load_vae(vae, dtype, dev, m.vae.config))
+        if m.vae.config.latent_channels != m.unet.config.out_channels:
+            raise WeightsError(f"the VAE {vae} has {m.vae.config.latent_channels} latent channels, the UNet "
+                               f"{m.unet.config.out_channels}: it belongs to another kind of model")  # fmt: skip
     if dev.type == "cpu" and dtype == torch.bfloat16:  # oneDNN's AMX convolutions want NHWC: UNet -26%, decode -50%
         m.unet.to(memory_format=torch.channels_last), m.vae.to(memory_format=torch.channels_last)  # (bench/README.md)
     return Pipeline(m.tokenizer, m.text_encoder, m.unet, m.vae, m.scheduler_config, dev, dtype, vae_dtype=dtype)
@@ -103,7 +112,9 @@ def encode_image(pipe: Pipeline, image: torch.Tensor, generator: torch.Generator
     """An image in [-1, 1] (1, 3, H, W) -> a latent drawn from the VAE encoder's posterior (one random draw),
     times the scaling factor, in the pipeline's dtype: what the UNet works on."""
     mean, logvar = pipe.vae.encode(image.to(pipe.device, pipe.vae_dtype), tiled=tiled)
-    z = sample_latent(mean, logvar, sampling.draw_noise(mean.shape, mean.dtype, pipe.device, generator))
+    z = mean  # TAESD's encoder gives the latent itself: no posterior, so no random draw
+    if logvar is not None:
+        z = sample_latent(mean, logvar, sampling.draw_noise(mean.shape, mean.dtype, pipe.device, generator))
     z = (pipe.vae.config.scaling_factor * z).to(pipe.dtype)
     check_finite(z, "VAE encoder")
     return z

@@ -29,7 +29,7 @@ from fast_path import speed_up
 from images import open_image
 from min_pipeline import DTYPES, Pipeline, generate, load_pipeline
 from models.embeddings import load_embedding
-from models.loading import DEFAULT_MODEL, WeightsError
+from models.loading import DEFAULT_MODEL, REPO_ID, WeightsError
 from models.lora import apply_lora, remove_loras
 from resources import auto_dtype, pick_device, tune_malloc
 from settings import MAX_SEED, SD15_CLIP_LAYERS, SD15_VAE_FACTOR, NonFiniteError, Settings, UserError
@@ -93,6 +93,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--embeddings-dir", help="every .safetensors here becomes usable by name (A1111's embeddings folder)"
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub repo id, Diffusers folder or .safetensors single file")
+    p.add_argument("--vae", help="another VAE: a Diffusers folder or hub repo (stabilityai/sd-vae-ft-mse, "
+                   "madebyollin/taesd), an LDM .safetensors file (vae-ft-mse-840000-ema-pruned.safetensors) or TAESD's "
+                   "taesd_decoder.safetensors")  # fmt: skip
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available, in that order)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="weights and activations; auto: "
                    "float16 on CUDA, bfloat16 on a CPU with AMX (Xeons since Sapphire Rapids), else "
@@ -106,8 +109,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--trajectory", help="also write the x0 prediction after every step: FILE.gif (animated) or FILE.png"
     )
-    p.add_argument("--trajectory-decoder", choices=("cheap", "vae"), default="cheap",
-                   help="cheap: a linear latent-to-RGB map (free); vae: the real decoder at every step")  # fmt: skip
+    p.add_argument("--trajectory-decoder", choices=("cheap", "vae", "taesd"), default="cheap",
+                   help="cheap: a linear latent-to-RGB map (free); vae: the real decoder at every step; taesd: "
+                   "the --preview-vae's")  # fmt: skip
+    p.add_argument("--preview-vae", metavar="TAESD", help="TAESD (madebyollin/taesd, or taesd_decoder.safetensors) "
+                   "for --trajectory-decoder taesd and the previews: nearly the VAE's picture at a few %% of its "
+                   "cost")  # fmt: skip
     p.add_argument("--trajectory-noisy", action="store_true", help="show the noisy latent beside each x0 prediction")
     p.add_argument("--preview-every", type=int, metavar="N", help="rewrite <output>.preview.png every N steps")
     p.add_argument("--keep-preview", action="store_true", help="keep the preview file after the run")
@@ -182,6 +189,10 @@ def watch_files(args: argparse.Namespace, output: Output, count: int, batch: boo
     an output nor the preview, nor an A1111-style number in the output folder (`00012...`), which a later image could
     take."""
     trajectory = Path(args.trajectory).expanduser() if args.trajectory else None
+    if args.trajectory_decoder == "taesd" and not args.preview_vae:
+        raise UserError(
+            "--trajectory-decoder taesd needs --preview-vae (madebyollin/taesd, or taesd_decoder.safetensors)"
+        )
     if trajectory is not None:
         if trajectory.suffix.lower() not in (".gif", ".png"):
             raise UserError(f"--trajectory {args.trajectory} must be a .gif or .png file name")
@@ -225,6 +236,9 @@ def shared_inputs(args: argparse.Namespace) -> tuple[list[Path], Image.Image | N
             if not real(path).is_relative_to(real(folder)):
                 raise UserError(f"{path} in --embeddings-dir leads outside it (a link?); copy the file there")
             files += [path] if path.is_file() else []  # a folder named x.safetensors is no embedding
+    for flag, vae in (("--vae", args.vae), ("--preview-vae", args.preview_vae)):
+        if vae and not Path(vae).expanduser().exists() and not REPO_ID.fullmatch(vae):
+            raise UserError(f"{flag} {vae} does not exist (a VAE folder, a .safetensors file or a hub repo id)")
     init = open_image(args.init_image) if args.init_image else None
     if init is not None and min(init.size) < SD15_VAE_FACTOR:
         raise UserError(f"init image is {init.width}x{init.height}: smaller than {SD15_VAE_FACTOR} pixels a side")
@@ -236,7 +250,7 @@ def load_for_cli(args: argparse.Namespace, embeddings: list[Path]) -> Pipeline:
     device = pick_device(args.device)
     if device.type == "cpu":
         tune_malloc()  # -20% per step on the CPU (bench/README.md)
-    pipe = load_pipeline(args.model, device, args.dtype)
+    pipe = load_pipeline(args.model, device, args.dtype, vae=args.vae)
     dtype, why = auto_dtype(device)
     if args.dtype == "auto" and dtype != torch.float32:  # said once, when auto is not the plain float32 reference
         print(f"min_pipeline.py: --dtype auto: {str(dtype).removeprefix('torch.')} ({why})", file=sys.stderr)
@@ -306,7 +320,7 @@ def run_job(pipe: Pipeline, args: argparse.Namespace, line: argparse.Namespace, 
             claimed = True
         if job.trajectory or job.preview_path:
             watcher = Watcher(pipe, job.trajectory is not None, args.trajectory_decoder, args.trajectory_noisy,
-                              job.preview_path, args.preview_every or 1)  # fmt: skip
+                              job.preview_path, args.preview_every or 1, args.preview_vae)  # fmt: skip
         n = job.settings.num_images
         for i in range(n):
             settings = replace(job.settings, seed=job.settings.seed + i)  # the PNG: this seed, "Batch size: n"
@@ -319,7 +333,7 @@ def run_job(pipe: Pipeline, args: argparse.Namespace, line: argparse.Namespace, 
             if job.random_seed and i == 0:  # once it made an image: an error before stays one line
                 tqdm.write(f"seed: {job.settings.seed}", file=sys.stderr)
             text = parameters_text(settings, line.prompt, line.negative_prompt, image.size, args.model,
-                                   job.init is not None)  # fmt: skip
+                                   job.init is not None, vae=args.vae)  # fmt: skip
             written.append(job.output.save(image, text, i, n, settings.seed))
         if job.trajectory:
             watcher.write_trajectory(job.trajectory)

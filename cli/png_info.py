@@ -14,7 +14,7 @@ NEGATIVE = "Negative prompt:"  # starts the second part of A1111's parameters te
 
 
 def parameters_text(s: Settings, prompt: str, negative_prompt: str, size: tuple[int, int], model: str,
-                    img2img: bool = False) -> str:  # fmt: skip
+                    img2img: bool = False, vae: str | None = None) -> str:  # fmt: skip
     """The `parameters` PNG text chunk as A1111's web UI writes it (and Civitai, ComfyUI importers read it):
     prompt line, "Negative prompt: ..." line, then "Key: value" pairs. Our clip skip k is A1111's k + 1. `model`
     is recorded by name (see model_name), never as a path."""
@@ -29,6 +29,7 @@ def parameters_text(s: Settings, prompt: str, negative_prompt: str, size: tuple[
         "Seed": s.seed,
         "Size": f"{size[0]}x{size[1]}",
         "Model": model_name(model),
+        "VAE": model_name(vae) if vae else None,  # by name too: a file's stem, a folder's name or a repo id
         "Batch size": s.num_images if s.num_images > 1 else None,
         "Clip skip": s.clip_skip + 1 if s.clip_skip else None,
         "Denoising strength": s.strength if img2img else (s.hires_denoise if hires_fix else None),
