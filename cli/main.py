@@ -113,7 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="cheap: a linear latent-to-RGB map (free); vae: the real decoder at every step; taesd: "
                    "the --preview-vae's")  # fmt: skip
     p.add_argument("--preview-vae", metavar="TAESD", help="TAESD (madebyollin/taesd, or taesd_decoder.safetensors) "
-                   "for --trajectory-decoder taesd and the previews: nearly the VAE's picture at a few %% of its "
+                   "for --trajectory-decoder taesd and the previews: nearly the VAE's picture at an eighth of its "
                    "cost")  # fmt: skip
     p.add_argument("--trajectory-noisy", action="store_true", help="show the noisy latent beside each x0 prediction")
     p.add_argument("--preview-every", type=int, metavar="N", help="rewrite <output>.preview.png every N steps")

@@ -31,7 +31,7 @@ def preview(
     pipe: Pipeline, latent: torch.Tensor, decoder: str = "cheap", taesd: torch.nn.Module | None = None
 ) -> Image.Image:
     """One latent (1, 4, H, W) as a picture: through the real VAE, through TAESD (`taesd`: nearly the VAE's picture
-    at a few per cent of its cost), or for free with the linear map above (the result blown up to the image size)."""
+    at an eighth of its cost), or for free with the linear map above (the result blown up to the image size)."""
     if decoder in ("vae", "taesd"):
         if decoder == "vae":
             pixels = decode(pipe, latent)[0]
