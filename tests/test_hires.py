@@ -34,12 +34,13 @@ def reference(folder):
 
 
 def reference_hires(ref, prompt, negative_prompt="", *, steps, height, width, scale, upscaler, hires_steps, denoise,
-                    seed, scheduler, guidance=7.5, embeds=None, swap_at=None):  # fmt: skip
+                    seed, scheduler, guidance=7.5, embeds=None, swap_at=None, tiling=False):  # fmt: skip
     """Diffusers, both passes by hand. `embeds` = (prompt, negative, prompt after the switch) replaces the text, the
     prompt switched after step `swap_at` of each pass by callback_on_step_end (prompt editing)."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
     with_scheduler(ref, scheduler)
+    ref.vae.enable_tiling() if tiling else ref.vae.disable_tiling()
     generator = torch.Generator().manual_seed(seed)
     text = dict(prompt=prompt, negative_prompt=negative_prompt)
     extra = {}
@@ -94,6 +95,22 @@ def test_hires_fix_equals_diffusers_txt2img_upscale_img2img(tiny, case):
         ours, "a red fox", "blurry", output_type="np", progress=False, **(settings | dict(height=48, width=32))
     )
     assert abs(got - plain).max() > 0.05  # not the plain generation at the larger size
+
+
+@pytest.mark.parametrize("upscaler", ["latent", "lanczos"])
+def test_hires_fix_with_vae_tiling_equals_diffusers_enable_tiling(tiny, upscaler):
+    """The tiny VAE's tiles are 32 pixels: the first pass (24x16) decodes whole, the second (48x32) in tiles, as
+    Diffusers' enable_tiling() does at each size."""
+    ours, ref = tiny
+    got = generate(ours, "a red fox", steps=3, height=24, width=16, seed=6, hires_scale=2.0, hires_upscaler=upscaler,
+                   vae_tiling=True, output_type="np", progress=False)  # fmt: skip
+    want = reference_hires(ref, "a red fox", steps=3, height=24, width=16, scale=2.0, upscaler=upscaler, hires_steps=0,
+                           denoise=0.7, seed=6, scheduler="euler", tiling=True)  # fmt: skip
+    ref.vae.disable_tiling()
+    assert_images_close(got, want, atol=1e-4)
+    untiled = generate(ours, "a red fox", steps=3, height=24, width=16, seed=6, hires_scale=2.0,
+                       hires_upscaler=upscaler, output_type="np", progress=False)  # fmt: skip
+    assert abs(got - untiled).max() > 1e-3  # the tiles did happen
 
 
 def test_hires_fix_batch_and_a1111_upscaler_name(tiny):
@@ -225,3 +242,15 @@ def test_cli_hires_fix_writes_the_larger_image_and_a1111s_fields(tiny_model_dir,
                       hires_denoise=0.6, hires_upscaler="latent-bicubic", progress=False)  # fmt: skip
     assert np.array_equal(np.asarray(image), np.asarray(want))
     assert main([*args, "--hires-scale", "2", "--hires-upscaler", "4x-UltraSharp"]) == 2  # refused before loading
+
+
+def test_sd15_hires_fix_equals_diffusers(sd15_model_dir):
+    """The true SD 1.5 sizes (random weights): 128x128 -> 256x256 through the VAE (lanczos: decode, resize, encode),
+    2 + 1 steps; 1e-4 on [0, 1] pixels as the other full-size parity tests."""
+    ours = load_pipeline(str(sd15_model_dir), device="cpu", dtype=torch.float32)
+    got = generate(ours, "a red fox", steps=2, height=128, width=128, seed=1, hires_scale=2.0, hires_upscaler="lanczos",
+                   hires_steps=1, hires_denoise=0.5, output_type="np", progress=False)  # fmt: skip
+    del ours
+    want = reference_hires(reference(sd15_model_dir), "a red fox", steps=2, height=128, width=128, scale=2.0,
+                           upscaler="lanczos", hires_steps=1, denoise=0.5, seed=1, scheduler="euler")  # fmt: skip
+    assert_images_close(got, want, atol=1e-4)
