@@ -213,7 +213,6 @@ def hires_fix(pipe: Pipeline, x: torch.Tensor, s: Settings, contexts: list[tuple
     strength = min(1.0, (run + 0.5) / total)  # make_schedule keeps int(total * strength) = run steps, round-off or not
     schedule = sampling.make_schedule(s.scheduler, total, pipe.scheduler_config, s.karras, strength=strength)
     schedule = replace(schedule, first_step=0)  # prompt editing counts the second pass's steps from 0, as A1111
-    check_cost(pipe, len(x) * (2 if guidance else 1), (height, width), len(schedule.timesteps), big_tiled)
     if s.hires_upscaler in hires.LATENT_MODES:
         x = hires.upscale_latents(x, (height // factor, width // factor), s.hires_upscaler)
     else:  # the image upscalers work on pixels: decode, resize, encode (one posterior draw for the batch)
@@ -252,6 +251,9 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
     guidance = s.guidance_scale if s.guidance_scale > 1.0 else None  # at s <= 1 no unconditional pass, as Diffusers
     tiled = choose_tiling(pipe, s.vae_tiling, (height, width))
     check_cost(pipe, n * (2 if guidance else 1), (height, width), len(schedule.timesteps), tiled)
+    if s.hires_scale > 1:  # the second pass's size and steps too, before any work (its VAE tiles where it must)
+        big, steps = hires.target_size(height, width, s.hires_scale, factor), s.hires_steps or s.steps
+        check_cost(pipe, n * (2 if guidance else 1), big, steps * sampling.SAMPLERS[s.scheduler].unet_calls, True)
     dev, generator = pipe.device, torch.Generator().manual_seed(s.seed)  # on the CPU: the same noise on any device
 
     # 1. Text -> context for each step: (2B, L, D), the unconditional half first, each prompt's rows repeated

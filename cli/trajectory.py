@@ -74,6 +74,8 @@ class Watcher:
         if not self.frames:  # generate() returned without sampling (an all-black mask: nothing to repaint)
             warnings.warn(f"no step ran, so there is no trajectory; {path} not written", stacklevel=2)
             return
+        size = self.frames[-1].size  # the hires fix's second pass draws larger frames: all at the final size
+        self.frames = [f if f.size == size else f.resize(size, Image.NEAREST) for f in self.frames]
         if path.suffix.lower() == ".gif":
             first, *rest = self.frames
             replace_file(path, first, format="GIF", save_all=True, append_images=rest, duration=250, loop=0)
