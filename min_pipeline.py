@@ -252,8 +252,8 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
     tiled = choose_tiling(pipe, s.vae_tiling, (height, width))
     check_cost(pipe, n * (2 if guidance else 1), (height, width), len(schedule.timesteps), tiled)
     if s.hires_scale > 1:  # the second pass's size and steps too, before any work (its VAE tiles where it must)
-        big, steps = hires.target_size(height, width, s.hires_scale, factor), s.hires_steps or s.steps
-        check_cost(pipe, n * (2 if guidance else 1), big, steps * sampling.SAMPLERS[s.scheduler].unet_calls, True)
+        big = hires.target_size(height, width, s.hires_scale, factor)
+        check_cost(pipe, n * (2 if guidance else 1), big, s.hires_steps or s.steps, pipe.vae.needs_tiling(*big))
     dev, generator = pipe.device, torch.Generator().manual_seed(s.seed)  # on the CPU: the same noise on any device
 
     # 1. Text -> context for each step: (2B, L, D), the unconditional half first, each prompt's rows repeated

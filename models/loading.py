@@ -302,10 +302,12 @@ def _vae_file(path: Path, dtype, device, config: VAEConfig) -> AutoencoderKL | T
     state = load_safetensors(path)
     if state and all(k.split(".")[0].isdigit() for k in state):  # a bare nn.Sequential: TAESD's original files
         part = "encoder" if state.get("0.weight", torch.empty(0)).ndim == 4 else "decoder"
-        other = path.with_name(path.name.replace(part, {"encoder": "decoder", "decoder": "encoder"}[part]))
-        if part == "encoder" and not other.is_file():
-            raise WeightsError(f"{path} is a TAESD encoder; give its decoder ({other.name}) to decode")
-        parts = {path: part} | ({other: "encoder" if part == "decoder" else "decoder"} if other.is_file() else {})
+        partner = {"encoder": "decoder", "decoder": "encoder"}[part]
+        other = path.with_name(path.name.replace(part, partner))  # taesd_decoder <-> taesd_encoder
+        found = other != path and other.is_file()
+        if part == "encoder" and not found:
+            raise WeightsError(f"{path} is a TAESD encoder; give its decoder (taesd_decoder.safetensors)")
+        parts = {path: part} | ({other: partner} if found else {})
         try:
             state = {k: v for p, q in parts.items() for k, v in original_keys(load_safetensors(p), q).items()}
         except ValueError as e:
