@@ -337,8 +337,11 @@ def load_vae(vae: str | Path, dtype: torch.dtype | None = None, device: torch.de
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-        try:
-            path = Path(snapshot_download(str(vae), allow_patterns=VAE_FILES))
+        try:  # the fp16 file when running in float16 and the repo has one, else the float32 one
+            files = VAE_FILES[:2] if dtype != torch.float16 else VAE_FILES[::2]
+            path = Path(snapshot_download(str(vae), allow_patterns=files))
+            if dtype == torch.float16 and not (path / "diffusion_pytorch_model.fp16.safetensors").is_file():
+                path = Path(snapshot_download(str(vae), allow_patterns=VAE_FILES[:2]))
         except LocalEntryNotFoundError:
             raise WeightsError(f"cannot download the VAE {vae}: offline and not in the cache") from None
         except (HfHubHTTPError, OSError) as e:
