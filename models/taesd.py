@@ -1,7 +1,7 @@
-"""TAESD, the Tiny AutoEncoder for Stable Diffusion (Bohan 2023, github.com/madebyollin/taesd): a 1.2M-parameter
-stand-in for the SD VAE (83M), distilled to map the same latents to and from nearly the same pictures, at about an
-eighth of the decode time on a CPU (bench/bench_preview.py): fast previews of every step, or a cheap decoder
-where the last bit of detail does not matter.
+"""TAESD, the Tiny AutoEncoder for Stable Diffusion (Bohan 2023, github.com/madebyollin/taesd): 1.2M parameters each
+way, a stand-in for the SD VAE (34M encoder, 49M decoder), distilled to map the same latents to and from nearly the
+same pictures at about an eighth of the decode time on a CPU (bench/bench_preview.py): fast previews of every step,
+or a cheap decoder where the last bit of detail does not matter.
 
 Plain convolutions, ReLUs and residual blocks, nothing else: no normalisation, no attention, no posterior (the encoder
 gives the latent itself, so encoding draws no noise). The decoder first softly bounds latents to (-3, 3) with
