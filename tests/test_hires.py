@@ -113,23 +113,30 @@ def test_hires_fix_with_vae_tiling_equals_diffusers_enable_tiling(tiny, upscaler
     assert abs(got - untiled).max() > 1e-3  # the tiles did happen
 
 
-def test_hires_fix_batch_and_a1111_upscaler_name(tiny):
-    """Two images of one prompt through both passes as one batch; A1111's name of the upscaler is accepted."""
-    ours, ref = tiny
-    got = generate(ours, "a red fox", steps=3, height=16, width=16, seed=5, num_images=2, hires_scale=1.5,
-                   hires_upscaler="Latent", output_type="np", progress=False)  # fmt: skip
+@pytest.mark.parametrize("upscaler", ["Latent", "Lanczos"])
+def test_hires_fix_batch_and_a1111_upscaler_name(tiny, upscaler):
+    """Two images of one prompt through both passes as one batch (the image upscaler's encoder draws once for the
+    batch, as Diffusers' img2img); A1111's name of the upscaler is accepted."""
     from diffusers import StableDiffusionImg2ImgPipeline
 
+    ours, ref = tiny
+    got = generate(ours, "a red fox", steps=3, height=16, width=16, seed=5, num_images=2, hires_scale=1.5,
+                   hires_upscaler=upscaler, output_type="np", progress=False)  # fmt: skip
     with_scheduler(ref, "euler")
     g = torch.Generator().manual_seed(5)
     latents = ref("a red fox", num_inference_steps=3, height=16, width=16, num_images_per_prompt=2, generator=g,
                   output_type="latent").images  # fmt: skip
-    latents = F.interpolate(latents, size=(12, 12), mode="bilinear", antialias=False)  # int(16 * 1.5) / 2
+    if upscaler == "Latent":
+        image = F.interpolate(latents, size=(12, 12), mode="bilinear", antialias=False)  # int(16 * 1.5) / 2
+    else:
+        with torch.no_grad():
+            pixels = ref.vae.decode(latents / ref.vae.config.scaling_factor).sample
+        image = [p.resize((24, 24), Image.LANCZOS) for p in ref.image_processor.postprocess(pixels, "pil")]
     img2img = StableDiffusionImg2ImgPipeline(**ref.components)
     img2img.set_progress_bar_config(disable=True)
     # int(3 / 0.7) = 4 steps, of which the last 3 run
-    want = img2img("a red fox", image=latents, strength=3 / 4, num_inference_steps=4, num_images_per_prompt=2,
-                   generator=g, output_type="np").images  # fmt: skip
+    want = img2img(["a red fox"] * 2, image=image, strength=3 / 4, num_inference_steps=4, generator=g,
+                   output_type="np").images  # fmt: skip
     assert_images_close(got, want, atol=1e-4)
 
 
