@@ -189,10 +189,6 @@ def watch_files(args: argparse.Namespace, output: Output, count: int, batch: boo
     an output nor the preview, nor an A1111-style number in the output folder (`00012...`), which a later image could
     take."""
     trajectory = Path(args.trajectory).expanduser() if args.trajectory else None
-    if args.trajectory_decoder == "taesd" and not args.preview_vae:
-        raise UserError(
-            "--trajectory-decoder taesd needs --preview-vae (madebyollin/taesd, or taesd_decoder.safetensors)"
-        )
     if trajectory is not None:
         if trajectory.suffix.lower() not in (".gif", ".png"):
             raise UserError(f"--trajectory {args.trajectory} must be a .gif or .png file name")
@@ -236,6 +232,10 @@ def shared_inputs(args: argparse.Namespace) -> tuple[list[Path], Image.Image | N
             if not real(path).is_relative_to(real(folder)):
                 raise UserError(f"{path} in --embeddings-dir leads outside it (a link?); copy the file there")
             files += [path] if path.is_file() else []  # a folder named x.safetensors is no embedding
+    if args.trajectory_decoder == "taesd" and not args.preview_vae:
+        raise UserError(
+            "--trajectory-decoder taesd needs --preview-vae (madebyollin/taesd, or taesd_decoder.safetensors)"
+        )
     for flag, vae in (("--vae", args.vae), ("--preview-vae", args.preview_vae)):
         if vae and not Path(vae).expanduser().exists() and not REPO_ID.fullmatch(vae):
             raise UserError(f"{flag} {vae} does not exist (a VAE folder, a .safetensors file or a hub repo id)")
