@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,10 +29,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+import hires
 import scheduler as sampling
 from images import Inpainting, image_to_tensor
 from models.clip import CLIPTextModel
-from models.loading import DEFAULT_MODEL, load_model
+from models.loading import DEFAULT_MODEL, WeightsError, load_model, load_vae
+from models.taesd import TinyAutoencoder
 from models.unet import UNet
 from models.vae import AutoencoderKL, sample_latent
 from prompts import conditioning
@@ -50,7 +52,7 @@ class Pipeline:
     tokenizer: CLIPTokenizer
     text_encoder: CLIPTextModel
     unet: UNet
-    vae: AutoencoderKL
+    vae: AutoencoderKL | TinyAutoencoder  # the model's VAE, or the one given to load_pipeline
     scheduler_config: sampling.SchedulerConfig
     device: torch.device
     dtype: torch.dtype
@@ -64,12 +66,15 @@ class Pipeline:
 
 
 def load_pipeline(model: str = DEFAULT_MODEL, device: str | torch.device | None = None,
-                  dtype: str | torch.dtype | None = None, config: str | None = None) -> Pipeline:  # fmt: skip
+                  dtype: str | torch.dtype | None = None, config: str | None = None,
+                  vae: str | None = None) -> Pipeline:  # fmt: skip
     """Load tokenizer, text encoder, UNet, VAE and the scheduler config from a Diffusers-layout folder, a hub repo
     id, or an original single-file checkpoint (`.safetensors`; SD 1.5 configs built in, or those of the
     Diffusers-layout folder `config`). `dtype` is a torch dtype or its name ("float16"); None or "auto" picks
     resources.auto_dtype's: float16 on CUDA, bfloat16 on a CPU with AMX, float32 elsewhere. bfloat16 on an AVX2-only
     CPU (about 100x slower than fp32: bench/README.md) and float16 on a CPU (about 27x) get a warning.
+    `vae`: another VAE in place of the model's (models.loading.load_vae: a Diffusers AutoencoderKL or TAESD folder or
+    hub repo, an LDM VAE file, TAESD's original files).
     """
     dtype = None if dtype == "auto" else dtype
     if isinstance(dtype, str):
@@ -85,6 +90,11 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: str | torch.device | None 
     if dev.type == "cpu" and dtype == torch.float16:
         warnings.warn("float16 on a CPU is about 27x slower than float32; use --dtype float32", stacklevel=2)
     m = load_model(model, dtype, dev, config)
+    if vae is not None:  # a VAE of its own (a fine-tuned one, or TAESD): it must speak the UNet's latents
+        m = m._replace(vae=load_vae(vae, dtype, dev, m.vae.config))
+        if m.vae.config.latent_channels != m.unet.config.out_channels:
+            raise WeightsError(f"the VAE {vae} has {m.vae.config.latent_channels} latent channels, the UNet "
+                               f"{m.unet.config.out_channels}: it belongs to another kind of model")  # fmt: skip
     if dev.type == "cpu" and dtype == torch.bfloat16:  # oneDNN's AMX convolutions want NHWC: UNet -26%, decode -50%
         m.unet.to(memory_format=torch.channels_last), m.vae.to(memory_format=torch.channels_last)  # (bench/README.md)
     return Pipeline(m.tokenizer, m.text_encoder, m.unet, m.vae, m.scheduler_config, dev, dtype, vae_dtype=dtype)
@@ -102,7 +112,9 @@ def encode_image(pipe: Pipeline, image: torch.Tensor, generator: torch.Generator
     """An image in [-1, 1] (1, 3, H, W) -> a latent drawn from the VAE encoder's posterior (one random draw),
     times the scaling factor, in the pipeline's dtype: what the UNet works on."""
     mean, logvar = pipe.vae.encode(image.to(pipe.device, pipe.vae_dtype), tiled=tiled)
-    z = sample_latent(mean, logvar, sampling.draw_noise(mean.shape, mean.dtype, pipe.device, generator))
+    z = mean  # TAESD's encoder gives the latent itself: no posterior, so no random draw
+    if logvar is not None:
+        z = sample_latent(mean, logvar, sampling.draw_noise(mean.shape, mean.dtype, pipe.device, generator))
     z = (pipe.vae.config.scaling_factor * z).to(pipe.dtype)
     check_finite(z, "VAE encoder")
     return z
@@ -184,6 +196,33 @@ def check_finite(x: torch.Tensor, stage: str) -> None:
         raise NonFiniteError(f"the {stage} produced NaN or inf values (broken weights or an overflow); nothing written")
 
 
+# ------------------------------------------------------------------------- 5. hires fix: upscale, then image-to-image
+
+
+def hires_fix(pipe: Pipeline, x: torch.Tensor, s: Settings, contexts: list[tuple[int, torch.Tensor]],
+              guidance: float | None, generator: torch.Generator, tiled: bool, callback: Callable | None = None,
+              progress: bool = True) -> tuple[torch.Tensor, bool]:  # fmt: skip
+    """A1111's hires fix (processing.py, sample_hr_pass): the first pass's latents x upscaled by s.hires_scale, as
+    latents or as pixels (decode, PIL resize, encode: hires.py), then an image-to-image pass at the larger size with
+    fresh noise from the same generator: noised to the level where the last `run` steps of a `total`-step schedule
+    start (hires.img2img_steps), and those steps run. Returns the latents and whether the VAE tiles at that size."""
+    factor = pipe.vae.downsample_factor
+    height, width = hires.target_size(x.shape[2] * factor, x.shape[3] * factor, s.hires_scale, factor)
+    big_tiled = choose_tiling(pipe, s.vae_tiling, (height, width))  # the larger size may need the VAE in tiles
+    total, run = hires.img2img_steps(s.steps, s.hires_steps, s.hires_denoise)
+    strength = min(1.0, (run + 0.5) / total)  # make_schedule keeps int(total * strength) = run steps, round-off or not
+    schedule = sampling.make_schedule(s.scheduler, total, pipe.scheduler_config, s.karras, strength=strength)
+    schedule = replace(schedule, first_step=0)  # prompt editing counts the second pass's steps from 0, as A1111
+    if s.hires_upscaler in hires.LATENT_MODES:
+        x = hires.upscale_latents(x, (height // factor, width // factor), s.hires_upscaler)
+    else:  # the image upscalers work on pixels: decode, resize, encode (one posterior draw for the batch)
+        pixels = torch.cat([decode(pipe, x[i : i + 1], tiled) for i in range(len(x))])
+        big = hires.upscale_images(pixels, s.hires_scale, factor, s.hires_upscaler)  # (B, 3, H, W) in [-1, 1]
+        x = encode_image(pipe, big, generator, big_tiled)
+    x = sampling.add_noise(schedule, x, sampling.draw_noise(x.shape, pipe.dtype, pipe.device, generator))
+    return sample(pipe, schedule, x, contexts, guidance, generator, s.eta, None, callback, progress), big_tiled
+
+
 # ----------------------------------------------------------------------------- generate
 
 
@@ -214,6 +253,9 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
     guidance = s.guidance_scale if s.guidance_scale > 1.0 else None  # at s <= 1 no unconditional pass, as Diffusers
     tiled = choose_tiling(pipe, s.vae_tiling, (height, width))
     check_cost(pipe, n * (2 if guidance else 1), (height, width), len(schedule.timesteps), tiled)
+    if s.hires_scale > 1:  # the second pass's size and steps too, before any work (its VAE tiles where it must)
+        big = hires.target_size(height, width, s.hires_scale, factor)
+        check_cost(pipe, n * (2 if guidance else 1), big, s.hires_steps or s.steps, pipe.vae.needs_tiling(*big))
     dev, generator = pipe.device, torch.Generator().manual_seed(s.seed)  # on the CPU: the same noise on any device
 
     # 1. Text -> context for each step: (2B, L, D), the unconditional half first, each prompt's rows repeated
@@ -245,6 +287,14 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
     else:
         x = sample(pipe, schedule, x, contexts, guidance, generator, s.eta, inpaint, callback, progress)
     check_finite(x, "denoising loop (UNet and sampler)")
+
+    # 5. The hires fix, between the loop and the decode (section 5): upscale, then image-to-image at the larger size.
+    if s.hires_scale > 1:
+        if len(contexts) > 1:  # prompt editing switches at the second pass's own steps (A1111's hires conds)
+            hires_s = replace(s, steps=s.hires_steps or s.steps)
+            contexts = conditioning(pipe, prompts, negatives, hires_s, guidance is not None, prompt_syntax)
+        x, tiled = hires_fix(pipe, x, s, contexts, guidance, generator, tiled, callback, progress)
+        check_finite(x, "hires fix's second pass")
     if output_type == "latent":
         return x
 

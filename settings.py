@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 
+import hires
 import scheduler as sampling
 from models.clip import CLIPTextConfig
 
@@ -89,6 +90,13 @@ class Settings:
     resize_mode: str = setting("just-resize", "an init image of another size than --height/--width, as A1111: "
                                "just-resize (stretch), crop-and-resize (cover, cut the overflow at the centre), "
                                "resize-and-fill (fit, stretch the edges into the empty bands)")  # fmt: skip
+    hires_scale: float = setting(1.0, "hires fix (A1111's): generate at height x width, upscale by this factor, then "
+                                 "redraw at the larger size (image-to-image); 1 = no second pass")  # fmt: skip
+    hires_upscaler: str = setting("latent", "hires fix upscaler: latent (bilinear), latent-antialiased, "
+                                  "latent-bicubic, latent-bicubic-antialiased, latent-nearest, latent-nearest-exact, "
+                                  "lanczos, nearest (or A1111's names: 'Latent (bicubic)', 'Lanczos'...)")  # fmt: skip
+    hires_steps: int = setting(0, "hires fix: steps of the second pass (0: as many as --steps)")
+    hires_denoise: float = setting(0.7, "hires fix: denoising strength of the second pass, in (0, 1]")
 
     def __post_init__(self):  # types first, so that check() compares numbers (numpy integers become ints)
         for f in fields(self):
@@ -111,6 +119,11 @@ class Settings:
         s = self if self.strength is not None else replace(self, strength=1.0 if inpaint else 0.8)
         if not img2img:  # an init image gives the size not given (generate, images.target_size)
             s = replace(s, **{k: DEFAULT_SIZE for k in ("height", "width") if getattr(s, k) is None})
+        if (upscaler := hires.upscaler_name(s.hires_upscaler)) is None:
+            raise UserError(
+                f"unknown hires upscaler {s.hires_upscaler!r}; choose one of {', '.join(hires.A1111_NAMES)}"
+            )
+        s = replace(s, hires_upscaler=upscaler)  # A1111's name ("Latent (bicubic)") -> ours
         s.check(img2img, factor, clip_layers)
         # a random seed leaves room for seed + i of every image (the CLI gives image i of a batch its own seed)
         return s if s.seed != -1 else replace(s, seed=secrets.randbelow(MAX_SEED + 2 - s.num_images))
@@ -152,8 +165,36 @@ class Settings:
             raise UserError(
                 f"clip skip must be between 0 and {clip_layers - 1} for this text encoder, got {self.clip_skip}"
             )
+        self.check_hires(img2img, factor)
         if not 0 <= self.eta <= 1:
             raise UserError(f"eta must be in [0, 1] (0: deterministic DDIM, 1: DDPM-like noise), got {self.eta}")
         if self.eta and not sampler.eta:
             uses = [name for name, s in sampling.SAMPLERS.items() if s.eta]
             raise UserError(f"eta is used by {', '.join(uses)} only, not {self.scheduler}; leave it at 0")
+
+    def check_hires(self, img2img: bool, factor: int) -> None:
+        """The hires fix's settings; with hires_scale 1 (no second pass) the others are not used."""
+        if not math.isfinite(self.hires_scale) or not 1 <= self.hires_scale <= hires.MAX_SCALE:
+            raise UserError(
+                f"hires scale must be between 1 (no hires fix) and {hires.MAX_SCALE:g}, got {self.hires_scale}"
+            )
+        if self.hires_scale == 1:
+            return
+        if img2img:
+            raise UserError("the hires fix is a second pass after text-to-image; with --init-image, leave "
+                            "--hires-scale at 1 (give a larger --init-image instead)")  # fmt: skip
+        if not math.isfinite(self.hires_denoise) or not 0 < self.hires_denoise <= 1:
+            raise UserError(f"hires denoise must be in (0, 1], got {self.hires_denoise}")
+        if not 0 <= self.hires_steps <= MAX_STEPS:
+            raise UserError(f"hires steps must be between 0 (as --steps) and {MAX_STEPS}, got {self.hires_steps}")
+        total, run = hires.img2img_steps(self.steps, self.hires_steps, self.hires_denoise)
+        if total > MAX_STEPS:
+            raise UserError(f"the hires pass's schedule would have {total} steps ({run} / denoise "
+                            f"{self.hires_denoise:g}), over {MAX_STEPS}; raise --hires-denoise or lower the "
+                            "steps")  # fmt: skip
+        height, width = hires.target_size(self.height, self.width, self.hires_scale, factor)
+        if max(height, width) > MAX_SIZE:
+            raise UserError(f"the hires fix would make {width}x{height}, larger than {MAX_SIZE} pixels a side; lower "
+                            "--hires-scale")  # fmt: skip
+        if (height, width) == (self.height, self.width):
+            raise UserError(f"hires scale {self.hires_scale:g} leaves {self.width}x{self.height} as it is; raise it")

@@ -30,7 +30,7 @@ from fast_path import speed_up
 from images import open_image
 from min_pipeline import DTYPES, Pipeline, generate, load_pipeline
 from models.embeddings import load_embedding
-from models.loading import DEFAULT_MODEL, WeightsError
+from models.loading import DEFAULT_MODEL, REPO_ID, WeightsError
 from models.lora import apply_lora, remove_loras
 from resources import auto_dtype, pick_device, tune_malloc
 from settings import MAX_SEED, SD15_CLIP_LAYERS, SD15_VAE_FACTOR, NonFiniteError, Settings, UserError
@@ -97,6 +97,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--embeddings-dir", help="every .safetensors here becomes usable by name (A1111's embeddings folder)"
     )
     p.add_argument("--model", default=DEFAULT_MODEL, help="hub repo id, Diffusers folder or .safetensors single file")
+    p.add_argument("--vae", help="another VAE: a Diffusers folder or hub repo (stabilityai/sd-vae-ft-mse, "
+                   "madebyollin/taesd), an LDM .safetensors file (vae-ft-mse-840000-ema-pruned.safetensors) or TAESD's "
+                   "taesd_decoder.safetensors")  # fmt: skip
     p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the first available, in that order)")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="weights and activations; auto: "
                    "float16 on CUDA, bfloat16 on a CPU with AMX (Xeons since Sapphire Rapids), else "
@@ -110,8 +113,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--trajectory", help="also write the x0 prediction after every step: FILE.gif (animated) or FILE.png"
     )
-    p.add_argument("--trajectory-decoder", choices=("cheap", "vae"), default="cheap",
-                   help="cheap: a linear latent-to-RGB map (free); vae: the real decoder at every step")  # fmt: skip
+    p.add_argument("--trajectory-decoder", choices=("cheap", "vae", "taesd"), default="cheap",
+                   help="cheap: a linear latent-to-RGB map (free); vae: the real decoder at every step; taesd: "
+                   "the --preview-vae's")  # fmt: skip
+    p.add_argument("--preview-vae", metavar="TAESD", help="TAESD (madebyollin/taesd, or taesd_decoder.safetensors) "
+                   "for --trajectory-decoder taesd and the previews: nearly the VAE's picture at an eighth of its "
+                   "cost")  # fmt: skip
     p.add_argument("--trajectory-noisy", action="store_true", help="show the noisy latent beside each x0 prediction")
     p.add_argument("--preview-every", type=int, metavar="N", help="rewrite <output>.preview.png every N steps")
     p.add_argument("--keep-preview", action="store_true", help="keep the preview file after the run")
@@ -163,6 +170,9 @@ def from_png(args: argparse.Namespace) -> None:
                      f"{model_hash(args.model)}: another model")  # fmt: skip
     elif recorded and recorded != ours and not (recorded_hash and model_hash(args.model)):
         notes.append(f"the PNG's Model is {recorded}, running with {ours} (--model)")
+    if fields.get("VAE") and fields["VAE"] != (args.vae and model_name(args.vae)):
+        ours_vae = model_name(args.vae) if args.vae else "the model's own"
+        notes.append(f"the PNG's VAE is {fields['VAE']}, running with {ours_vae}: give it with --vae")
     recorded_loras = dict(pair.partition(": ")[::2] for pair in fields.get("Lora hashes", "").split(", "))
     for name, _ in lora_tags(args.prompt)[0]:
         path = Path(args.lora_dir).expanduser() / f"{name}.safetensors"
@@ -264,6 +274,13 @@ def shared_inputs(args: argparse.Namespace) -> tuple[list[Path], Image.Image | N
             if not real(path).is_relative_to(real(folder)):
                 raise UserError(f"{path} in --embeddings-dir leads outside it (a link?); copy the file there")
             files += [path] if path.is_file() else []  # a folder named x.safetensors is no embedding
+    if args.trajectory_decoder == "taesd" and not args.preview_vae:
+        raise UserError(
+            "--trajectory-decoder taesd needs --preview-vae (madebyollin/taesd, or taesd_decoder.safetensors)"
+        )
+    for flag, vae in (("--vae", args.vae), ("--preview-vae", args.preview_vae)):
+        if vae and not Path(vae).expanduser().exists() and not REPO_ID.fullmatch(vae):
+            raise UserError(f"{flag} {vae} does not exist (a VAE folder, a .safetensors file or a hub repo id)")
     init = open_image(args.init_image) if args.init_image else None
     if init is not None and min(init.size) < SD15_VAE_FACTOR:
         raise UserError(f"init image is {init.width}x{init.height}: smaller than {SD15_VAE_FACTOR} pixels a side")
@@ -275,7 +292,7 @@ def load_for_cli(args: argparse.Namespace, embeddings: list[Path]) -> Pipeline:
     device = pick_device(args.device)
     if device.type == "cpu":
         tune_malloc()  # -20% per step on the CPU (bench/README.md)
-    pipe = load_pipeline(args.model, device, args.dtype)
+    pipe = load_pipeline(args.model, device, args.dtype, vae=args.vae)
     dtype, why = auto_dtype(device)
     if args.dtype == "auto" and dtype != torch.float32:  # said once, when auto is not the plain float32 reference
         print(f"min_pipeline.py: --dtype auto: {str(dtype).removeprefix('torch.')} ({why})", file=sys.stderr)
@@ -355,7 +372,7 @@ def run_job(pipe: Pipeline, args: argparse.Namespace, line: argparse.Namespace, 
             claimed = True
         if job.trajectory or job.preview_path:
             watcher = Watcher(pipe, job.trajectory is not None, args.trajectory_decoder, args.trajectory_noisy,
-                              job.preview_path, args.preview_every or 1)  # fmt: skip
+                              job.preview_path, args.preview_every or 1, args.preview_vae)  # fmt: skip
         n = job.settings.num_images
         for i in range(n):
             settings = replace(job.settings, seed=job.settings.seed + i)  # the PNG: this seed, "Batch size: n"
@@ -370,7 +387,7 @@ def run_job(pipe: Pipeline, args: argparse.Namespace, line: argparse.Namespace, 
             used = embeddings_in(pipe.tokenizer, embeddings, [job.prompt, line.negative_prompt])
             hashes = hash_fields(args.model, list(zip(job.lora_names, [p for p, _ in job.loras], strict=True)), used)
             text = parameters_text(settings, job.recorded_prompt, line.negative_prompt, image.size, args.model,
-                                   job.init is not None, hashes)  # fmt: skip
+                                   job.init is not None, hashes, vae=args.vae)  # fmt: skip
             written.append(job.output.save(image, text, i, n, settings.seed))
         if job.trajectory:
             watcher.write_trajectory(job.trajectory)

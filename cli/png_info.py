@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
+import hires
 import scheduler as sampling
 from settings import MAX_SIZE, Settings, UserError
 
@@ -16,13 +17,16 @@ NEGATIVE = "Negative prompt:"  # starts the second part of A1111's parameters te
 
 
 def parameters_text(s: Settings, prompt: str, negative_prompt: str, size: tuple[int, int], model: str,
-                    img2img: bool = False, hashes: dict[str, str] | None = None) -> str:  # fmt: skip
+                    img2img: bool = False, hashes: dict[str, str] | None = None,
+                    vae: str | None = None) -> str:  # fmt: skip
     """The `parameters` PNG text chunk as A1111's web UI writes it (and Civitai, ComfyUI importers read it):
     prompt line, "Negative prompt: ..." line, then "Key: value" pairs. Our clip skip k is A1111's k + 1. `model`
     is recorded by name (see model_name), never as a path; `hashes` are cli.hashes.hash_fields' (Model hash, Lora
     hashes, TI hashes)."""
     check_metadata_text(prompt, negative_prompt)
     hashes = hashes or {}
+    hires_fix = s.hires_scale > 1 and not img2img
+    size = (s.width, s.height) if hires_fix else size  # A1111 records the first pass's size, and the scale
     fields = {
         "Steps": s.steps,
         "Sampler": sampling.SAMPLERS[s.scheduler].a1111_name,
@@ -32,13 +36,17 @@ def parameters_text(s: Settings, prompt: str, negative_prompt: str, size: tuple[
         "Size": f"{size[0]}x{size[1]}",
         "Model hash": hashes.get("Model hash"),
         "Model": model_name(model),
+        "VAE": model_name(vae) if vae else None,  # by name too: a file's stem, a folder's name or a repo id
         "Batch size": s.num_images if s.num_images > 1 else None,
         "Clip skip": s.clip_skip + 1 if s.clip_skip else None,
-        "Denoising strength": s.strength if img2img else None,
+        "Denoising strength": s.strength if img2img else (s.hires_denoise if hires_fix else None),
         "Mask blur": s.mask_blur or None,
         "Eta": s.eta if s.eta else None,
         "Lora hashes": hashes.get("Lora hashes"),
         "TI hashes": hashes.get("TI hashes"),
+        "Hires upscale": f"{s.hires_scale:g}" if hires_fix else None,  # A1111's extra_generation_params, in order
+        "Hires steps": s.hires_steps or None if hires_fix else None,
+        "Hires upscaler": hires.A1111_NAMES[s.hires_upscaler] if hires_fix else None,
     }
     pairs = ", ".join(f"{k}: {a1111_value(v)}" for k, v in fields.items() if v is not None)
     negative = f"\n{NEGATIVE} {negative_prompt}" if negative_prompt else ""
@@ -130,6 +138,17 @@ def size(value: str, fields: dict[str, str]) -> tuple[int, int]:
     return int(match[1]), int(match[2])
 
 
+def denoising_strength(value: str, fields: dict[str, str]) -> tuple[float | None, float | None]:
+    """A1111 writes one "Denoising strength": image-to-image's strength, or the hires fix's second pass."""
+    return (None, float(value)) if "Hires upscale" in fields else (float(value), None)
+
+
+def hires_upscaler(value: str, fields: dict[str, str]) -> tuple[str]:
+    if hires.upscaler_name(value) is None:  # A1111's ESRGAN & co. are not minsd's
+        raise NotImplementedError(value)
+    return (value,)
+
+
 def number(kind: type) -> Callable[[str, dict[str, str]], tuple]:
     return lambda value, fields: (kind(value),)
 
@@ -145,14 +164,17 @@ FROM_PNG: dict[str, tuple[tuple[str, ...], Callable[[str, dict[str, str]], tuple
     "Seed": (("seed",), number(int)),
     "Size": (("width", "height"), size),
     "Clip skip": (("clip_skip",), number(int)),
-    "Denoising strength": (("strength",), number(float)),
+    "Denoising strength": (("strength", "hires_denoise"), denoising_strength),
     "Mask blur": (("mask_blur",), number(int)),
     "Eta": (("eta",), number(float)),
     "Eta DDIM": (("eta",), number(float)),  # A1111's name for DDIM's eta
+    "Hires upscale": (("hires_scale",), number(float)),
+    "Hires steps": (("hires_steps",), number(int)),
+    "Hires upscaler": (("hires_upscaler",), hires_upscaler),
 }
 # Fields that say what made the image, and set nothing: the model and files (compared, not loaded), A1111's version,
 # and the batch (each image of one is recreated alone by its own seed).
-INFORMATIONAL = ("Model", "Model hash", "Lora hashes", "TI hashes", "Version", "Batch size")
+INFORMATIONAL = ("Model", "Model hash", "VAE", "Lora hashes", "TI hashes", "Version", "Batch size")
 
 
 def read_png(path: str) -> dict[str, str]:
@@ -186,7 +208,7 @@ def options_from_png(fields: dict[str, str]) -> tuple[dict[str, object], list[st
             continue
         names, read = FROM_PNG[key]
         try:
-            options |= dict(zip(names, read(value, fields), strict=True))
+            options |= {k: v for k, v in zip(names, read(value, fields), strict=True) if v is not None}
         except NotImplementedError:
             missing.append(f"{key}: {a1111_value(value)}")
         except ValueError:

@@ -12,6 +12,7 @@ Pickled checkpoints (`.bin`, `.ckpt`, `.pt`) are never read: unpickling can run 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import warnings
@@ -25,6 +26,7 @@ from torch import nn
 from models import ldm
 from models.clip import CLIPTextConfig, CLIPTextModel
 from models.configs import WeightsError, read_config
+from models.taesd import TinyAutoencoder, TinyAutoencoderConfig, TinyDecoder, original_keys
 from models.unet import UNet, UNetConfig
 from models.vae import AutoencoderKL, VAEConfig
 from scheduler import SD15_SCHEDULER_CONFIG, SchedulerConfig
@@ -267,6 +269,86 @@ def load_single_file(
     """Text encoder, UNet and VAE from one LDM-layout safetensors file. The configs are SD 1.5's (our dataclass
     defaults), or those of the Diffusers-layout folder `config` (`text_encoder/`, `unet/`, `vae/config.json`)."""
     return _single_file(Path(path), read_network_configs(None if config is None else Path(config)), dtype, device)
+
+
+# ----------------------------------------------------------------------------- a VAE of its own
+
+VAE_CLASSES = {"AutoencoderKL": (VAEConfig, AutoencoderKL), "AutoencoderTiny": (TinyAutoencoderConfig, TinyAutoencoder)}
+VAE_FILES = ["config.json", "diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"]
+
+
+def _vae_folder(folder: Path, dtype, device) -> AutoencoderKL | TinyAutoencoder:
+    """A Diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors), or a model folder's vae/."""
+    folder = folder / "vae" if (folder / "vae" / "config.json").is_file() else folder
+    try:
+        name = json.loads((folder / "config.json").read_text()).get("_class_name", "AutoencoderKL")
+    except (OSError, ValueError, AttributeError) as e:
+        raise WeightsError(f"cannot read {folder / 'config.json'}: {e}") from None
+    if name not in VAE_CLASSES:
+        raise WeightsError(f"{folder} holds a {name}, not a VAE minsd runs ({' or '.join(VAE_CLASSES)})")
+    config_cls, module = VAE_CLASSES[name]
+    stem = folder / "diffusion_pytorch_model"
+    half = stem.with_name(stem.name + ".fp16.safetensors")
+    path = half if dtype == torch.float16 and half.is_file() else stem.with_name(stem.name + ".safetensors")
+    config = read_config(config_cls, folder / "config.json")
+    return build(module, config, ldm.fix_keys(load_safetensors(path)), str(path), dtype, device)
+
+
+def _vae_file(path: Path, dtype, device, config: VAEConfig) -> AutoencoderKL | TinyAutoencoder:
+    """One safetensors file: an LDM VAE (`vae-ft-mse-840000-ema-pruned.safetensors`, keys with or without
+    `first_stage_model.`; a whole LDM checkpoint gives its VAE), the same in Diffusers' names, or madebyollin's TAESD
+    taesd_decoder / taesd_encoder file, with its partner beside it if there is one (the decoder alone decodes only).
+    An AutoencoderKL file has no config: `config` (the model's VAE's) says its shape."""
+    state = load_safetensors(path)
+    if state and all(k.split(".")[0].isdigit() for k in state):  # a bare nn.Sequential: TAESD's original files
+        part = "encoder" if state.get("0.weight", torch.empty(0)).ndim == 4 else "decoder"
+        partner = {"encoder": "decoder", "decoder": "encoder"}[part]
+        other = path.with_name(path.name.replace(part, partner))  # taesd_decoder <-> taesd_encoder
+        found = other != path and other.is_file()
+        if part == "encoder" and not found:
+            raise WeightsError(f"{path} is a TAESD encoder; give its decoder (taesd_decoder.safetensors)")
+        parts = {path: part} | ({other: partner} if found else {})
+        try:
+            state = {k: v for p, q in parts.items() for k, v in original_keys(load_safetensors(p), q).items()}
+        except ValueError as e:
+            raise WeightsError(f"{path}: {e}") from None
+        module = TinyAutoencoder if len(parts) == 2 else TinyDecoder
+        return build(module, TinyAutoencoderConfig(), state, f"{path} [TAESD]", dtype, device)
+    if any(k.startswith(ldm.VAE) for k in state):  # a whole single-file checkpoint: its VAE
+        state = {k.removeprefix(ldm.VAE): v for k, v in state.items() if k.startswith(ldm.VAE)}
+    state = ldm.fix_keys(state)
+    if not any(".down_blocks." in k or ".up_blocks." in k for k in state):  # LDM's names (encoder.down.0.block.0)
+        try:
+            state = ldm.rename(state, ldm.vae_blocks(config), "")
+        except ValueError as e:
+            raise WeightsError(f"{path}: {e}") from None
+    return build(AutoencoderKL, config, state, str(path), dtype, device)
+
+
+def load_vae(vae: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+             config: VAEConfig | None = None) -> AutoencoderKL | TinyAutoencoder:  # fmt: skip
+    """A VAE to use in place of a model's own: a Diffusers AutoencoderKL or AutoencoderTiny (TAESD) folder or hub
+    repo (`stabilityai/sd-vae-ft-mse`, `madebyollin/taesd`), or one safetensors file (see _vae_file), whose shape is
+    `config` (the model's VAE config; default SD 1.5's) or TAESD's."""
+    path = Path(vae).expanduser()
+    if not path.exists():
+        if not REPO_ID.fullmatch(str(vae)) or Path(str(vae).split("/")[0]).is_dir():
+            raise WeightsError(f"VAE {vae} does not exist; give a VAE folder, a .safetensors file or a hub repo id")
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+        try:  # the fp16 file when running in float16 and the repo has one, else the float32 one
+            files = VAE_FILES[:2] if dtype != torch.float16 else VAE_FILES[::2]
+            path = Path(snapshot_download(str(vae), allow_patterns=files))
+            if dtype == torch.float16 and not (path / "diffusion_pytorch_model.fp16.safetensors").is_file():
+                path = Path(snapshot_download(str(vae), allow_patterns=VAE_FILES[:2]))
+        except LocalEntryNotFoundError:
+            raise WeightsError(f"cannot download the VAE {vae}: offline and not in the cache") from None
+        except (HfHubHTTPError, OSError) as e:
+            raise WeightsError(f"download of the VAE {vae} failed ({type(e).__name__}: {e})") from None
+    if path.is_dir():
+        return _vae_folder(path, dtype, device)
+    return _vae_file(path, dtype, device, config if config is not None else VAEConfig())
 
 
 # ----------------------------------------------------------------------------- the model

@@ -466,7 +466,7 @@ def test_prompt_file_global_option_errors_are_reported_once_with_exit_2(tiny_mod
     for folder in ("a", "b"):
         save_file({"emb_params": torch.randn(1, 32)}, str(tmp_path / folder / "tok.safetensors"))
     loads = []
-    monkeypatch.setattr("cli.main.load_pipeline", lambda *a: loads.append(a) or load_pipeline(*a))
+    monkeypatch.setattr("cli.main.load_pipeline", lambda *a, **k: loads.append(a) or load_pipeline(*a, **k))
     extra = ["--embedding", str(tmp_path / "a" / "tok.safetensors"), "--embeddings-dir", str(tmp_path / "b")]
     assert main([*base, *extra]) == 2
     one_error(capsys, "embedding ", "tok")

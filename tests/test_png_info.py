@@ -187,9 +187,12 @@ CASES = {  # every field minsd writes today
     "inpaint": ["--prompt", "a fox", "--init-image", "{init}", "--mask-image", "{mask}", "--mask-blur", "2"],
     "loras": ["--prompt", "a fox <lora:owl:0.7>", "--lora", "{fox}:0.6", "--lora-dir", "{loras}", "--seed", "5"],
     "batch": ["--prompt", "a fox", "--num-images", "2", "--seed", "9"],
+    "hires": ["--prompt", "a fox", "--hires-scale", "1.5", "--hires-upscaler", "lanczos", "--hires-steps", "1",
+              "--hires-denoise", "0.6", "--seed", "6"],
+    "vae": ["--prompt", "a fox", "--vae", "{vae}", "--seed", "2"],
 }  # fmt: skip
 AGAIN = {"img2img": ["--init-image", "{init}"], "inpaint": ["--init-image", "{init}", "--mask-image", "{mask}"],
-         "loras": ["--lora-dir", "{loras}"]}  # fmt: skip
+         "loras": ["--lora-dir", "{loras}"], "vae": ["--vae", "{vae}"]}  # fmt: skip
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -197,7 +200,7 @@ def test_from_png_makes_the_same_pixels(tiny_model_dir, inputs, tmp_path, case, 
     """Generate through the CLI, then --from-png the result with only the model and the input files (which a PNG
     does not hold) given: the same pixels, byte for byte, and the same parameters text, with no warning."""
     paths = {k: inputs / f for k, f in {"init": "init.png", "mask": "mask.png", "fox": "loras/fox.safetensors"}.items()}
-    paths["loras"] = inputs / "loras"
+    paths["loras"], paths["vae"] = inputs / "loras", tiny_model_dir / "vae"
     base = ["--model", str(tiny_model_dir), *FAST]
     assert main([*base, *[a.format(**paths) for a in CASES[case]], "--output", str(tmp_path / "a.png")]) == 0
     first = tmp_path / ("a-1.png" if case == "batch" else "a.png")  # the batch's second image, seed 10
