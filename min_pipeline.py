@@ -207,7 +207,7 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
     if inpaint and not inpaint.pixel_mask.any():
         warnings.warn("the mask is all black: nothing to repaint; returning the image as it is", stacklevel=3)
         return to_output(((init + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).repeat(n, 1, 1, 1), output_type)
-    schedule = sampling.make_schedule(s.scheduler, s.steps, pipe.scheduler_config, s.karras,
+    schedule = sampling.make_schedule(s.scheduler, s.steps, pipe.scheduler_config, schedule=s.schedule,
                                       strength=s.strength if init is not None else 1.0)  # fmt: skip
     guidance = s.guidance_scale if s.guidance_scale > 1.0 else None  # at s <= 1 no unconditional pass, as Diffusers
     tiled = choose_tiling(pipe, s.vae_tiling, (height, width))

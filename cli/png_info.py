@@ -18,10 +18,12 @@ def parameters_text(s: Settings, prompt: str, negative_prompt: str, size: tuple[
     prompt line, "Negative prompt: ..." line, then "Key: value" pairs. Our clip skip k is A1111's k + 1. `model`
     is recorded by name (see model_name), never as a path."""
     check_metadata_text(prompt, negative_prompt)
+    named = s.with_sampler_names()  # A1111 1.9+'s two fields; "Schedule type" left out where it is "Automatic"
+    sampler, schedule_type = sampling.sampler_to_a1111(named.scheduler, named.schedule)
     fields = {
         "Steps": s.steps,
-        "Sampler": sampling.SAMPLERS[s.scheduler].a1111_name,
-        "Schedule type": "Karras" if s.karras else None,
+        "Sampler": sampler,
+        "Schedule type": schedule_type,
         "CFG scale": s.guidance_scale,
         "Seed": s.seed,
         "Size": f"{size[0]}x{size[1]}",
