@@ -3,11 +3,14 @@
 The UNet predicts the noise eps in x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps. make_schedule() picks the
 timesteps and noise levels before the loop; step() turns one UNet prediction into one step of a sampler.
 Both match Diffusers 0.42 (`<Scheduler>.from_config(sd15_scheduler_config)`) number for number, which
-tests/test_scheduler.py checks, including where Diffusers departs from the papers (noted "Diffusers:").
+tests/test_scheduler.py and tests/test_samplers_more.py check, including where Diffusers departs from the papers
+(noted "Diffusers:").
 
 Notation (code name -> symbol -> source). Papers: Ho et al. 2020 (DDPM) arXiv:2006.11239; Song et al. 2020
 (DDIM) arXiv:2010.02502; Karras et al. 2022 (EDM) arXiv:2206.00364; Lu et al. 2022 (DPM-Solver++)
-arXiv:2211.01095; Lin et al. 2023 arXiv:2305.08891.
+arXiv:2211.01095; Lin et al. 2023 arXiv:2305.08891; Liu et al. 2022 (PNDM) arXiv:2202.09778; Lu et al. 2022
+(DPM-Solver) arXiv:2206.00927; Zhao et al. 2023 (UniPC) arXiv:2302.04867; Song et al. 2023 (Consistency Models)
+arXiv:2303.01469; Luo et al. 2023 (LCM) arXiv:2310.04378.
   t, T             t, T        training timestep fed to the UNet (fractional for Karras sigmas), T = 1000
   alphas_cumprod   ᾱ_t         DDPM Eq. 4: ᾱ_t = prod_{s<=t} (1 - β_s); DDIM writes it α_t
   alpha_bar(_prev) ᾱ_t, ᾱ_t-1  ᾱ at a DDIM/DDPM step's timestep and at the one it lands on
@@ -22,6 +25,11 @@ arXiv:2211.01095; Lin et al. 2023 arXiv:2305.08891.
   lam, h, r        λ_t, h_i, r_i  DPM-Solver++ Alg. 2: λ = log(α_t / σ_t), h_i = λ_ti - λ_ti-1, r_i = h_i-1 / h_i
   eta, sigma_eta   η, σ_t(η)   DDIM Eq. 16
   sigma_up/down    σ_up, σ_down  the noise added / the level the deterministic part lands on (ancestral)
+  eps_prime        ε'_t        PNDM: the ε its transfer part φ is given (PLMS: Adams-Bashforth of past ε)
+  sigma_mid        σ_mid       DPM2: the midpoint of a step in log σ, where its second UNet call is
+  w_ij             (weights)   LMS: ∫ of the j-th Lagrange basis polynomial over the step (Schedule.coefficients)
+  B_h, rho, D1     B(h), ρ, D_1  UniPC: B(h) = e^h - 1 ("bh2"), the corrector's weights, x_θ differences / r
+  c_skip, c_out    c_skip, c_out  LCM / Consistency Models: f(x, t) = c_skip x + c_out x̂_0 (boundary condition)
 """
 
 import argparse
@@ -440,15 +448,14 @@ def pndm_transfer(x: Tensor, eps: Tensor, abar: Tensor, abar_prev: Tensor) -> Te
 
 
 def pndm(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
-    """PLMS (PNDM paper Eq. 12, the linear multistep gradient part) started as Diffusers' skip_prk_steps does instead
+    """PLMS (the PNDM paper's pseudo linear multistep method) started as Diffusers' skip_prk_steps does instead
     of with Runge-Kutta steps: call 0 steps with ε_0 alone; call 1 sits at the same t as call 2 (pndm_calls) and redoes
     step 0 from x_0 with (ε_0 + ε_1) / 2, from ᾱ one stride above its t (Schedule.coefficients); from call 2 on,
     Adams-Bashforth of order 2, 3, then 4 on the ε of calls 0, 2, 3, ... (ε_1 is not kept)."""
     history = state.history if state is not None else ()
-    if i == 1:
-        return pndm_transfer(state.x, (eps + history[-1]) / 2, s.coefficients[i], s.alpha_bar[i]), SamplerState(
-            history=history
-        )
+    if i == 1:  # back to x_0, from ᾱ_t+Δ to ᾱ_t
+        x_next = pndm_transfer(state.x, (eps + history[-1]) / 2, s.coefficients[i], s.alpha_bar[i])
+        return x_next, SamplerState(history=history)
     history = (*history[-3:], eps)
     weights, denominator = ADAMS_BASHFORTH[len(history)]
     eps_prime = sum(w * e for w, e in zip(weights, reversed(history), strict=True)) / denominator  # ε'_t
@@ -547,7 +554,7 @@ def dpmpp_2m_sde_step(x: Tensor, eps: Tensor, sigma: Tensor, sigma_next: Tensor,
                       denoised_prev: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
     """DPM-Solver++(2M) for the reverse SDE (Lu et al. 2022, arXiv:2211.01095: the data-prediction solver, with the
     SDE's exact linear part): x_t = (σ_t/σ_s) e^-h x_s + α_t (1 - e^-2h) D + σ_t sqrt(1 - e^-2h) ε, where D is x_θ
-    (first order) or x_θ + (1/2)(x_θ - x_θ,prev)/r extrapolated in λ (second order, as in Alg. 2's midpoint form)."""
+    (first order) or x_θ + (1/2)(x_θ - x_θ,prev)/r extrapolated in λ (second order, as DPM-Solver++(2M), Alg. 2)."""
     alpha_s, sigma_s = vp_coefficients(sigma)
     alpha_t, sigma_t = vp_coefficients(sigma_next)
     lam_s = alpha_s.log() - sigma_s.log()
@@ -618,9 +625,9 @@ LCM_ORIGINAL_STEPS, LCM_TIMESTEP_SCALING, LCM_SIGMA_DATA = 50, 10.0, 0.5  # Diff
 
 
 def lcm_calls(s: Schedule, steps: int, config: SchedulerConfig, schedule: str) -> Schedule:
-    """LCM's timesteps (Luo et al. 2023, arXiv:2310.04378, Sec. 4.2 skipping-step schedule as Diffusers builds it):
-    of the distillation's 50 timesteps k - 1, 2k - 1, ..., T - 1 (k = T // 50), `steps` taken at evenly spaced
-    positions from the top, floored. Each call lands on the next call's ᾱ; the last lands on its own (no noise)."""
+    """LCM's timesteps (Luo et al. 2023, arXiv:2310.04378: its distillation's skipping-step schedule, as Diffusers
+    builds it): of the 50 distillation timesteps k - 1, 2k - 1, ..., T - 1 (k = T // 50), `steps` taken at evenly spaced
+    positions from the top, floored. Each call lands on the next call's ᾱ; the last returns its x_0 (no noise)."""
     T = config.num_train_timesteps
     k = T // LCM_ORIGINAL_STEPS
     origin = (torch.arange(LCM_ORIGINAL_STEPS, 0, -1) * k - 1).long()
@@ -633,10 +640,11 @@ def lcm_calls(s: Schedule, steps: int, config: SchedulerConfig, schedule: str) -
 
 
 def lcm(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
-    """LCM multistep sampling (Luo et al. 2023 Alg. 1 / Song et al. 2023 Consistency Models Alg. 1): the consistency
-    function f(x, t) = c_skip x + c_out x̂_0 with the boundary-condition scalings c_skip = σ_d² / ((s t)² + σ_d²),
-    c_out = s t / sqrt((s t)² + σ_d²) (Consistency Models Eq. 7 form; σ_d = 0.5, s = 10 as Diffusers), x̂_0 from
-    DDIM Eq. 12; then noised forward to the next call's ᾱ (DDPM Eq. 4) with a fresh ε, except at the last call."""
+    """LCM's multistep sampling (Consistency Models' Alg. 1, "multistep consistency sampling", in LCM's latent
+    form): the consistency function f(x, t) = c_skip x + c_out x̂_0, whose scalings c_skip = σ_d² / ((s t)² + σ_d²),
+    c_out = s t / sqrt((s t)² + σ_d²) make f(x, 0) = x (the boundary condition; σ_d = 0.5, s = 10, Diffusers'
+    values), x̂_0 from DDIM Eq. 12; then noised forward to the next call's ᾱ (DDPM Eq. 4) with a fresh ε, except at
+    the last call."""
     abar, abar_prev = s.alpha_bar[i], s.alpha_bar_prev[i]
     scaled_t = s.timesteps[i] * LCM_TIMESTEP_SCALING  # float32 (Diffusers' tensor arithmetic)
     c_skip = LCM_SIGMA_DATA**2 / (scaled_t**2 + LCM_SIGMA_DATA**2)
