@@ -796,8 +796,8 @@ def register(sampler: Sampler) -> Sampler:
     """Bring your own sampler: add `sampler` (a Sampler record with a step function of your own) under its name, for
     generate(scheduler=name), the CLI in the same process and bench/sampler_lab.py. Registering a name again replaces
     your earlier record; the built-in names are taken. A sampler with state or branches also needs `graph` and
-    `states` for the CUDA-graph loop of speed_up() (see heun_graph); the eager loop needs only `step`. README: "Your own
-    sampler"."""
+    `states` for the CUDA-graph loop of speed_up() (see heun_graph), or eager_only=True; the eager loop needs only
+    `step`. README: "Your own sampler"."""
     taken = {key.casefold(): s.name for s in SAMPLERS.values() for key in (s.name, s.a1111_name)}
     problems = {
         "name must be a lowercase identifier, like 'ab2'": not (sampler.name.isidentifier() and sampler.name.islower()),

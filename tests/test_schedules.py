@@ -74,11 +74,11 @@ def set_timesteps(ref, schedule: str, steps: int) -> dict:
 # ----------------------------------------------------------------------------- the math
 
 
-@pytest.mark.parametrize("a,b", [(0.6, 0.6), (0.5, 0.5), (0.3, 1.7), (2.0, 0.8), (1.0, 1.0)])
+@pytest.mark.parametrize("a,b", [(0.6, 0.6), (0.3, 1.7), (2.0, 0.8)])  # Diffusers' (and A1111's default), others
 def test_beta_quantiles_equal_scipy(a, b):
     from scipy import stats
 
-    q = np.concatenate([np.linspace(0, 1, 2001), [1e-15, 1e-9, 1e-6, 0.5 - 1e-12, 1 - 1e-9, 1 - 1e-12]])
+    q = np.concatenate([np.linspace(0, 1, 1001), [1e-15, 1e-9, 1e-6, 0.5 - 1e-12, 1 - 1e-9, 1 - 1e-12]])
     want = torch.from_numpy(stats.beta.ppf(q, a, b))
     got = S.beta_ppf(torch.from_numpy(q), a, b)
     torch.testing.assert_close(got, want, atol=1e-10, rtol=0, msg=lambda m: f"ppf Beta({a}, {b}): {m}")
