@@ -764,6 +764,13 @@ def find_sampler(name: str) -> tuple[str, str | None]:
                      f"optionally followed by a schedule type ({', '.join(list(SCHEDULES.values())[1:])})")  # fmt: skip
 
 
+def find_schedule(name: str) -> str | None:
+    """Our schedule type for our name or A1111's label ("Karras", "Align Your Steps"; "Uniform" is default),
+    case-insensitive; None for any other name."""
+    key = " ".join(name.split()).casefold()
+    return next((ours for ours, label in SCHEDULES.items() if key in (ours, label.casefold())), None)
+
+
 def sampler_to_a1111(sampler: str, schedule: str) -> tuple[str, str | None]:
     """A1111 1.9+'s "Sampler" and "Schedule type" fields for a run (PNG metadata), "Schedule type" None where it is
     "Automatic" (the sampler's own; A1111 reads a missing field as that, modules/infotext_utils.py)."""
@@ -783,7 +790,7 @@ def sampler_from_a1111(sampler_field: str, schedule_field: str | None = None) ->
     if schedule is None and label == "automatic":
         schedule = SAMPLERS[sampler].a1111_schedule
     elif schedule is None:
-        schedule = next((ours for ours, theirs in SCHEDULES.items() if label in (ours, theirs.casefold())), None)
+        schedule = find_schedule(label)
         if schedule is None:
             known = ", ".join(["Automatic", *SCHEDULES.values()])
             raise ValueError(f"schedule type {schedule_field!r:.40} is not one of ours: {known}")

@@ -116,7 +116,8 @@ class Settings:
             scheduler, implied = sampling.find_sampler(self.scheduler)
         except ValueError as e:
             raise UserError(str(e)) from None
-        asked = {implied, "karras" if self.karras else None, self.schedule if self.schedule != "default" else None}
+        schedule = sampling.find_schedule(self.schedule) or self.schedule  # A1111's labels too ("Karras")
+        asked = {implied, "karras" if self.karras else None, schedule if schedule != "default" else None}
         asked.discard(None)
         if len(asked) > 1:
             raise UserError(f"--scheduler {self.scheduler!r}, --schedule {self.schedule} and --karras ask for "

@@ -309,6 +309,8 @@ def test_agreeing_schedules_are_one():
     assert (s.scheduler, s.schedule, s.karras) == ("heun", "karras", True)  # the old alias
     s = Settings(scheduler="Euler a").ready(False, False)
     assert (s.scheduler, s.schedule, s.karras) == ("euler_a", "default", False)
+    s = Settings(scheduler="DPM++ 2M", schedule="Align Your Steps").ready(False, False)  # A1111's label
+    assert (s.scheduler, s.schedule) == ("dpmpp_2m", "align_your_steps")
 
 
 @pytest.mark.parametrize("args,error", [
