@@ -123,7 +123,7 @@ class StepInfo:
     called, once per timestep, so Heun's two calls per step come as two records."""
 
     i: int  # the UNet call, 0 .. calls - 1
-    calls: int  # UNet calls of the run (steps, or 2 * steps - 1 for Heun; fewer for img2img)
+    calls: int  # UNet calls of the run (steps; 2 * steps - 1 for Heun, DPM2; steps + 1 for PNDM; fewer for img2img)
     t: float  # the timestep fed to the UNet
     sigma: float  # the noise level of that call's input, sqrt((1 - abar) / abar) for every sampler
     latents: torch.Tensor  # x after the call's update, in the variable the sampler moves
