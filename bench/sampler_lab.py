@@ -445,7 +445,7 @@ def unet_table(rows: list[dict], steps: list[int], scale: float) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     divisors = [4, 5, 8, 10, 20, 25, 40, 50, 100, 125, 200, 250, 500]  # of 1000: 'leading' grids stay aligned (DDIM)
-    p.add_argument("--steps", type=int, nargs="+", default=divisors)
+    p.add_argument("--steps", type=int, nargs="+", default=divisors, help="step counts of part (a)")
     p.add_argument("--batch", type=int, default=16, help="starting points z")
     p.add_argument("--points", type=int, default=2048, help="data points (K)")
     p.add_argument("--curves", type=int, default=2)
@@ -473,7 +473,8 @@ def main() -> None:
     if not args.skip_ideal:
         t0 = time.perf_counter()
         rows, floor = ideal_lab(args)
-        plot(rows, args.out, "Ideal denoiser of 2048 points: RMS error of the final x vs the exact PF-ODE solution")
+        title = f"Ideal denoiser of {args.points} points: RMS error of the final x vs the exact PF-ODE solution"
+        plot(rows, args.out, title)
         print(table(rows, floor))
         print(f"wrote {args.out} ({time.perf_counter() - t0:.0f} s)")
         results["ideal"] = rows
