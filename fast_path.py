@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 import scheduler as sampling
-from min_pipeline import Pipeline, classifier_free_guidance
+from min_pipeline import Pipeline, classifier_free_guidance, sample
 
 SCHEDULE_TENSORS = ("timesteps", "sigmas", "alpha_bar", "alpha_bar_prev")
 
@@ -49,13 +49,17 @@ class GraphLoop:
     captured once as a CUDA graph and replayed per call, with no kernel launch, host read or host sync in the loop;
     one captured loop is kept (a new shape, setting or LoRA merge captures anew). Elsewhere the step runs as it is.
     All of the loop's ε are drawn first, in the eager loop's order from the same generator, and moved to the device
-    once, so a seed gives the eager loop's image. Prompt editing, inpainting and callbacks take the eager loop."""
+    once, so a seed gives the eager loop's image. Prompt editing, inpainting, callbacks and the samplers marked
+    Sampler.eager_only (multistep histories: pndm, lms, unipc, ...) take the eager loop."""
 
     def __init__(self):
         self.graphs = {}  # {key: (buffers, step, graph)}: the captured loop
 
     def __call__(self, pipe: Pipeline, schedule: sampling.Schedule, x: torch.Tensor, context: torch.Tensor,
                  guidance: float | None, eta: float, generator: torch.Generator, progress: bool):  # fmt: skip
+        if sampling.SAMPLERS[schedule.sampler].eager_only:  # no graph_step: the eager loop, as generate() runs it
+            last_step = schedule.step_of(len(schedule.timesteps) - 1)
+            return sample(pipe, schedule, x, [(last_step, context)], guidance, generator, eta, progress=progress)
         draws = sampling.draws_noise(schedule, eta)
         zeros = torch.zeros(x.shape, dtype=pipe.dtype)
         noise = [sampling.draw_noise(x.shape, pipe.dtype, "cpu", generator) if d else zeros for d in draws]

@@ -135,7 +135,7 @@ class StepInfo:
     called, once per timestep, so Heun's two calls per step come as two records."""
 
     i: int  # the UNet call, 0 .. calls - 1
-    calls: int  # UNet calls of the run (steps, or 2 * steps - 1 for Heun; fewer for img2img)
+    calls: int  # UNet calls of the run (steps; 2 * steps - 1 for Heun, DPM2; steps + 1 for PNDM; fewer for img2img)
     t: float  # the timestep fed to the UNet
     sigma: float  # the noise level of that call's input, sqrt((1 - abar) / abar) for every sampler
     latents: torch.Tensor  # x after the call's update, in the variable the sampler moves
@@ -248,7 +248,7 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
     if inpaint and not inpaint.pixel_mask.any():
         warnings.warn("the mask is all black: nothing to repaint; returning the image as it is", stacklevel=3)
         return to_output(((init + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).repeat(n, 1, 1, 1), output_type)
-    schedule = sampling.make_schedule(s.scheduler, s.steps, pipe.scheduler_config, s.karras,
+    schedule = sampling.make_schedule(s.scheduler, s.steps, pipe.scheduler_config, schedule=s.schedule,
                                       strength=s.strength if init is not None else 1.0)  # fmt: skip
     guidance = s.guidance_scale if s.guidance_scale > 1.0 else None  # at s <= 1 no unconditional pass, as Diffusers
     tiled = choose_tiling(pipe, s.vae_tiling, (height, width))

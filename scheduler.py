@@ -3,11 +3,14 @@
 The UNet predicts the noise eps in x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps. make_schedule() picks the
 timesteps and noise levels before the loop; step() turns one UNet prediction into one step of a sampler.
 Both match Diffusers 0.42 (`<Scheduler>.from_config(sd15_scheduler_config)`) number for number, which
-tests/test_scheduler.py checks, including where Diffusers departs from the papers (noted "Diffusers:").
+tests/test_scheduler.py and tests/test_samplers_more.py check, including where Diffusers departs from the papers
+(noted "Diffusers:").
 
 Notation (code name -> symbol -> source). Papers: Ho et al. 2020 (DDPM) arXiv:2006.11239; Song et al. 2020
 (DDIM) arXiv:2010.02502; Karras et al. 2022 (EDM) arXiv:2206.00364; Lu et al. 2022 (DPM-Solver++)
-arXiv:2211.01095; Lin et al. 2023 arXiv:2305.08891.
+arXiv:2211.01095; Lin et al. 2023 arXiv:2305.08891; Liu et al. 2022 (PNDM) arXiv:2202.09778; Lu et al. 2022
+(DPM-Solver) arXiv:2206.00927; Zhao et al. 2023 (UniPC) arXiv:2302.04867; Song et al. 2023 (Consistency Models)
+arXiv:2303.01469; Luo et al. 2023 (LCM) arXiv:2310.04378.
   t, T             t, T        training timestep fed to the UNet (fractional for Karras sigmas), T = 1000
   alphas_cumprod   ᾱ_t         DDPM Eq. 4: ᾱ_t = prod_{s<=t} (1 - β_s); DDIM writes it α_t
   alpha_bar(_prev) ᾱ_t, ᾱ_t-1  ᾱ at a DDIM/DDPM step's timestep and at the one it lands on
@@ -22,15 +25,24 @@ arXiv:2211.01095; Lin et al. 2023 arXiv:2305.08891.
   lam, h, r        λ_t, h_i, r_i  DPM-Solver++ Alg. 2: λ = log(α_t / σ_t), h_i = λ_ti - λ_ti-1, r_i = h_i-1 / h_i
   eta, sigma_eta   η, σ_t(η)   DDIM Eq. 16
   sigma_up/down    σ_up, σ_down  the noise added / the level the deterministic part lands on (ancestral)
+  eps_prime        ε'_t        PNDM: the ε its transfer part φ is given (PLMS: Adams-Bashforth of past ε)
+  sigma_mid        σ_mid       DPM2: the midpoint of a step in log σ, where its second UNet call is
+  w_ij             (weights)   LMS: ∫ of the j-th Lagrange basis polynomial over the step (Schedule.coefficients)
+  B_h, rho, D1     B(h), ρ, D_1  UniPC: B(h) = e^h - 1 ("bh2"), the corrector's weights, x_θ differences / r
+  c_skip, c_out    c_skip, c_out  LCM / Consistency Models: f(x, t) = c_skip x + c_out x̂_0 (boundary condition)
 """
 
 import argparse
 import json
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
+from numpy.polynomial import Polynomial
 from torch import Tensor
 
 # What a sampler moves: EDM's x = x_t / sqrt(ᾱ_t) = x_0 + σ ε (with float32 timesteps, as in Diffusers), or x_t
@@ -115,6 +127,81 @@ def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) 
     return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
+# ----------------------------------------------------------------------------- schedule types (A1111's "Schedule type")
+# Where the noise levels of a run lie between σ_max and σ_min. "default" is each sampler's own (Diffusers' default:
+# evenly spaced timesteps, which A1111 calls "Uniform"); the others are the Diffusers 0.42 options that give them. Each
+# Sampler record lists the ones its Diffusers class offers (Sampler.schedules). Ours -> A1111's label:
+SCHEDULES = {
+    "default": "Uniform",  # timestep_spacing (Sampler.spacing)
+    "karras": "Karras",  # use_karras_sigmas=True: EDM Eq. 5, ρ = 7
+    "exponential": "Exponential",  # use_exponential_sigmas=True: evenly spaced in log σ
+    "beta": "Beta",  # use_beta_sigmas=True: Beta(0.6, 0.6) quantiles (Lee et al. 2024, arXiv:2407.12173)
+    "align_your_steps": "Align Your Steps",  # set_timesteps(timesteps=...): Sabour et al. 2024 (arXiv:2404.14507)
+}
+ALL_SCHEDULES = tuple(SCHEDULES)
+# Sabour et al. 2024, "Align Your Steps": the 10 timesteps optimised for SD 1.5 (Diffusers'
+# AysSchedules["StableDiffusionTimesteps"], from NVIDIA's how-to page).
+AYS_SD15_TIMESTEPS = (999, 850, 736, 645, 545, 455, 343, 233, 124, 24)
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> Tensor:
+    """n noise levels evenly spaced in log σ from σ_max down to σ_min (float64)."""
+    return linspace(math.log(sigma_max), math.log(sigma_min), n).exp()
+
+
+def beta_cdf(x: Tensor, a: float, b: float) -> Tensor:
+    """The Beta(a, b) CDF, the regularized incomplete beta function I_x(a, b) = B_x(a, b) / B(a, b) (DLMF 8.17.1-2),
+    float64. For x <= 1/2: B_x(a, b) = ∫_0^x t^(a-1) (1-t)^(b-1) dt with (1-t)^(b-1) = Σ_n (1-b)_n t^n / n! (the
+    binomial series) integrated term by term: Σ_n (1-b)_n / n! x^(a+n) / (a+n), terms shrinking at least as 2^-n for
+    a, b <= 2, so 64 of them reach float64 round-off. For x > 1/2 the symmetry I_x(a, b) = 1 - I_1-x(b, a) (DLMF
+    8.17.4)."""
+    x, lower = x.double(), x <= 0.5
+    a_, b_ = torch.full_like(x, a), torch.full_like(x, b)
+    x, a, b = torch.where(lower, x, 1 - x), torch.where(lower, a_, b_), torch.where(lower, b_, a_)
+    total, coefficient = torch.zeros_like(x), torch.ones_like(x)  # (1-b)_n / n!
+    for n in range(64):
+        total = total + coefficient * x ** (a + n) / (a + n)
+        coefficient = coefficient * (n + 1 - b) / (n + 1)
+    log_beta = torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)  # B(a, b) = Γ(a) Γ(b) / Γ(a + b)
+    cdf = total / log_beta.exp()
+    return torch.where(lower, cdf, 1 - cdf)
+
+
+def beta_ppf(q: Tensor, a: float = 0.6, b: float = 0.6) -> Tensor:
+    """The Beta(a, b) quantile function, the inverse of beta_cdf (float64), by bisection: the CDF is increasing, and 64
+    halvings of [0, 1] reach float64 round-off. 0 and 1 map to themselves exactly."""
+    q = q.double()
+    lo, hi = torch.zeros_like(q), torch.ones_like(q)
+    for _ in range(64):
+        mid = (lo + hi) / 2
+        below = beta_cdf(mid, a, b) < q
+        lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+    return torch.where(q <= 0, 0.0, torch.where(q >= 1, 1.0, (lo + hi) / 2))
+
+
+def beta_sigmas(sigma_min: float, sigma_max: float, n: int, a: float = 0.6, b: float = 0.6) -> Tensor:
+    """Lee et al. 2024 (arXiv:2407.12173), "Beta Sampling is All You Need": σ_i = σ_min + F^-1(1 - i/(N-1)) (σ_max -
+    σ_min) with F the Beta(0.6, 0.6) CDF, so that steps crowd at both ends of the range (float64)."""
+    return sigma_min + beta_ppf(1 - linspace(0.0, 1.0, n), a, b) * (sigma_max - sigma_min)
+
+
+def align_your_steps_timesteps(n: int) -> Tensor:
+    """AYS_SD15_TIMESTEPS for n = 10; for other n, as A1111 stretches its AYS schedule (sd_schedulers.py,
+    loglinear_interp): log t, in ascending order, interpolated linearly (numpy.interp) at n evenly spaced positions
+    in [0, 1], then descending again; here rounded to the integer training timesteps the UNet was trained on.
+    float64 integers. Past about 430 steps neighbours round to the same t (see schedule_problem)."""
+    log_t = torch.tensor(AYS_SD15_TIMESTEPS, dtype=torch.float64).flip(0).log()  # ascending
+    known, wanted = linspace(0.0, 1.0, len(log_t)), linspace(0.0, 1.0, n)
+    j = (torch.searchsorted(known, wanted, right=True) - 1).clamp(0, len(known) - 2)  # wanted in [known_j, known_j+1]
+    slope = (log_t[j + 1] - log_t[j]) / (known[j + 1] - known[j])
+    return (slope * (wanted - known[j]) + log_t[j]).exp().flip(0).round()
+
+
+# Schedules that replace a sampler's noise levels: (σ_min, σ_max, n) -> n levels from σ_max down to σ_min, float64.
+SIGMA_SCHEDULES = {"karras": karras_sigmas, "exponential": exponential_sigmas, "beta": beta_sigmas}
+SIGMA_ONLY = ("default", *SIGMA_SCHEDULES)  # a class with use_<type>_sigmas but no set_timesteps(timesteps=...)
+
+
 # ----------------------------------------------------------------------------- choosing the timesteps
 
 
@@ -174,6 +261,8 @@ class Schedule:
     alpha_bar: Tensor | None = None  # (N,) ᾱ at each call's t (DDIM, DDPM)
     alpha_bar_prev: Tensor | None = None  # (N,) ᾱ each step lands on (DDIM, DDPM)
     first_step: int = 0  # the step number of the first call: the steps img2img skips (A1111 counts from 0)
+    coefficients: Tensor | None = None  # (N, k) per-call numbers a sampler precomputes (Sampler.schedule): LMS's
+    # weights of its past slopes, PNDM's ᾱ one stride above t
 
     def step_of(self, i: int) -> int:
         """The step that UNet call i belongs to (prompt editing switches text at steps, not calls)."""
@@ -187,6 +276,7 @@ class SamplerState:
     x: Tensor | None = None  # Heun: x_i, where the step started (the corrector restarts from it)
     d: Tensor | None = None  # Heun: d_i, the slope the predictor used
     denoised: Tensor | None = None  # DPM++ 2M: x_θ of the previous call
+    history: tuple[Tensor, ...] = ()  # multistep samplers' past values, oldest first (PNDM: ε, LMS: d, UniPC: x_θ)
 
 
 # ----------------------------------------------------------------------------- the samplers, one step each
@@ -343,6 +433,229 @@ def ddpm(s: Schedule, i: int | Tensor, x: Tensor, eps: Tensor, state, noise: Noi
     return ddpm_step(x, eps, at(s.alpha_bar, i), at(s.alpha_bar_prev, i), noise), state  # graph: zero ε at t = 0 adds 0
 
 
+# ----------------------------------------------------------------------------- multistep and two-call samplers
+# These run in the eager loop only (Sampler.eager_only): their state is a history of past calls or their branches
+# depend on the call's position; GraphLoop hands them to the eager loop.
+
+ADAMS_BASHFORTH = {1: ((1,), 1), 2: ((3, -1), 2), 3: ((23, -16, 5), 12), 4: ((55, -59, 37, -9), 24)}  # newest first
+
+
+def pndm_transfer(x: Tensor, eps: Tensor, abar: Tensor, abar_prev: Tensor) -> Tensor:
+    """PNDM's transfer part φ (Liu et al. 2022, arXiv:2202.09778, Eq. 9): x_t -> x_t-δ given an ε; with the UNet's
+    own ε it is DDIM's deterministic step (Song et al. Eq. 12, η = 0) rearranged."""
+    denominator = abar * (1 - abar_prev) ** 0.5 + (abar * (1 - abar) * abar_prev) ** 0.5
+    return (abar_prev / abar) ** 0.5 * x - (abar_prev - abar) * eps / denominator
+
+
+def pndm(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
+    """PLMS (the PNDM paper's pseudo linear multistep method) started as Diffusers' skip_prk_steps does instead
+    of with Runge-Kutta steps: call 0 steps with ε_0 alone; call 1 sits at the same t as call 2 (pndm_calls) and redoes
+    step 0 from x_0 with (ε_0 + ε_1) / 2, from ᾱ one stride above its t (Schedule.coefficients); from call 2 on,
+    Adams-Bashforth of order 2, 3, then 4 on the ε of calls 0, 2, 3, ... (ε_1 is not kept)."""
+    history = state.history if state is not None else ()
+    if i == 1:  # back to x_0, from ᾱ_t+Δ to ᾱ_t
+        x_next = pndm_transfer(state.x, (eps + history[-1]) / 2, s.coefficients[i], s.alpha_bar[i])
+        return x_next, SamplerState(history=history)
+    history = (*history[-3:], eps)
+    weights, denominator = ADAMS_BASHFORTH[len(history)]
+    eps_prime = sum(w * e for w, e in zip(weights, reversed(history), strict=True)) / denominator  # ε'_t
+    return pndm_transfer(x, eps_prime, s.alpha_bar[i], s.alpha_bar_prev[i]), SamplerState(x=x, history=history)
+
+
+def pndm_calls(s: Schedule, steps: int, config: SchedulerConfig, schedule: str) -> Schedule:
+    """PNDM with skip_prk_steps runs steps + 1 UNet calls: the second step's t twice (Diffusers' plms_timesteps).
+    Each call's step goes from ᾱ_t to ᾱ_t-Δ (Δ = T // steps, the DDIM rule); call 1 restarts the first step, from
+    ᾱ_t+Δ to ᾱ_t: the coefficients hold ᾱ_t+Δ for every call (img2img may cut the schedule anywhere)."""
+    calls = torch.tensor([0, *[1][: steps - 1], *range(1, steps)])  # [0, 1, 1, 2, ..., steps - 1]
+    timesteps, alpha_bar, alpha_bar_prev = s.timesteps[calls], s.alpha_bar[calls], s.alpha_bar_prev[calls]
+    alphas_cumprod, T = alphas_cumprod_from(config), config.num_train_timesteps
+    ab = torch.cat([alpha_bar, alpha_bar_prev[-1:]])
+    above = alphas_cumprod[(timesteps + T // steps).clamp(max=T - 1)]  # call 0's (past T - 1 at 2 steps) is unused
+    return replace(s, timesteps=timesteps, sigmas=((1 - ab) / ab) ** 0.5, alpha_bar=alpha_bar,
+                   alpha_bar_prev=alpha_bar_prev, coefficients=above)  # fmt: skip
+
+
+def lms_weights(sigmas: Tensor, order: int = 4) -> Tensor:
+    """(N, order) float64: for call i, ∫ from σ_i to σ_i+1 of the Lagrange basis polynomials through σ_i, σ_i-1, ...
+    (min(i + 1, order) nodes), the weights of the slopes d_i, d_i-1, ... in one linear multistep step: Adams-Bashforth
+    with variable steps (Hairer, Nørsett & Wanner, Solving ODEs I, Sec. III.5). The basis polynomials are integrated
+    exactly (Diffusers integrates them numerically with scipy's quad; equal to float round-off)."""
+    s, weights = sigmas.double().numpy(), torch.zeros(len(sigmas) - 1, order, dtype=torch.float64)
+    for i in range(len(s) - 1):
+        nodes = s[i - np.arange(min(i + 1, order))]  # σ_i, σ_i-1, ...
+        for j, node in enumerate(nodes):
+            basis = Polynomial([1.0])
+            for other in np.delete(nodes, j):
+                basis *= Polynomial([-other, 1.0]) / (node - other)  # ∏_k≠j (τ - σ_k) / (σ_j - σ_k)
+            weights[i, j] = basis.integ()(s[i + 1]) - basis.integ()(s[i])
+    return weights
+
+
+def lms_calls(s: Schedule, steps: int, config: SchedulerConfig, schedule: str) -> Schedule:
+    """Euler's timesteps and σ, plus each call's multistep weights, computed over the whole schedule: cut for img2img,
+    the first call keeps its order-4 weight (Diffusers' order follows the step index, its history the calls run)."""
+    return replace(s, coefficients=lms_weights(s.sigmas))
+
+
+def lms(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
+    """Linear multistep on the probability-flow ODE dx/dσ = d (EDM Alg. 1 line 4's slope): x_i+1 = x_i + Σ_j w_ij
+    d_i-j over the last (up to 4) slopes, weights from lms_weights."""
+    d = (x - denoise(x, eps, s.sigmas[i])) / s.sigmas[i]
+    history = (*(state.history[-3:] if state is not None else ()), d)
+    weights = s.coefficients[i, : len(history)]  # zero beyond the order
+    return x + sum(w * d_j for w, d_j in zip(weights, reversed(history), strict=True)), SamplerState(history=history)
+
+
+def unipc_update(x: Tensor, sigma_s: Tensor, sigma_t: Tensor, m: tuple[Tensor, ...], order: int,
+                 sigma_1: Tensor | None = None, m_t: Tensor | None = None) -> Tensor:  # fmt: skip
+    """One UniPC update with B(h) = e^h - 1 ("bh2"), Zhao et al. 2023 (arXiv:2302.04867), in the data prediction:
+    from x at σ_s to σ_t given the x_θ history m (m[-1] at σ_s, m[-2] at sigma_1). Without m_t it is the predictor
+    UniP-p (p = order; p = 1 is DPM-Solver++(1), p = 2 adds ρ = 1/2 of the difference D_1); with m_t = x_θ(x_t, t)
+    it is the corrector UniC-p, its weights ρ solving R_p ρ = g_p / B(h) (the paper's a_p; p = 1: ρ = 1/2)."""
+    alpha_t, s_t = vp_coefficients(sigma_t)
+    alpha_s, s_s = vp_coefficients(sigma_s)
+    lam_s = alpha_s.log() - s_s.log()
+    h = alpha_t.log() - s_t.log() - lam_s  # h = λ_t - λ_s
+    B_h = torch.expm1(-h)  # B(h) = e^h - 1, in -h for the data prediction; also φ_1's e^-h - 1
+    x_t = s_t / s_s * x - alpha_t * B_h * m[-1]  # the first-order part, DPM-Solver++(1)
+    if order == 2:
+        alpha_1, s_1 = vp_coefficients(sigma_1)
+        r = (alpha_1.log() - s_1.log() - lam_s) / h  # r_1 = (λ_s-1 - λ_s) / h
+        D1 = (m[-2] - m[-1]) / r
+    if m_t is None:
+        return x_t - alpha_t * B_h * (0.5 * D1 if order == 2 else 0)
+    D1_t = m_t - m[-1]
+    if order == 1:
+        return x_t - alpha_t * B_h * (0.5 * D1_t)
+    phi_2 = B_h / -h - 1  # h φ_2-type terms of g_p, in -h: (e^-h - 1)/(-h) - 1
+    b1, b2 = phi_2 / B_h, 2 * (phi_2 / -h - 0.5) / B_h
+    rho = (b2 - b1) / (r - 1)  # R_2 = [[1, 1], [r_1, 1]], (ρ, b1 - ρ) = R_2^-1 (b1, b2)
+    return x_t - alpha_t * B_h * (rho * D1 + (b1 - rho) * D1_t)
+
+
+def unipc(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
+    """UniPC-2 as Diffusers' UniPCMultistepScheduler runs it by default (bh2, order 2, lower_order_final): each call
+    first corrects its own input x_i with UniC (now that x_θ(x_i) is known), then predicts x_i+1 with UniP. Order 1 at
+    the first call (no history) and at the last (to σ = 0); the corrector uses the order its predictor used."""
+    n, sig = len(s.timesteps), s.sigmas
+    alpha, sigma = vp_coefficients(sig[i])
+    denoised = (x - sigma * eps) / alpha  # x_θ(x_i, t_i)
+    history = state.history if state is not None else ()
+    if i > 0:
+        x = unipc_update(state.x, sig[i - 1], sig[i], history, min(2, n - i + 1, i), sig[i - 2] if i > 1 else None,
+                         m_t=denoised)  # fmt: skip
+    history = (*history[-1:], denoised)
+    x_next = unipc_update(x, sig[i], sig[i + 1], history, min(2, n - i, i + 1), sig[i - 1] if i > 0 else None)
+    return x_next, SamplerState(x=x, history=history)
+
+
+def dpmpp_2m_sde_step(x: Tensor, eps: Tensor, sigma: Tensor, sigma_next: Tensor, noise: Tensor,
+                      sigma_prev: Tensor | None = None,
+                      denoised_prev: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """DPM-Solver++(2M) for the reverse SDE (Lu et al. 2022, arXiv:2211.01095: the data-prediction solver, with the
+    SDE's exact linear part): x_t = (σ_t/σ_s) e^-h x_s + α_t (1 - e^-2h) D + σ_t sqrt(1 - e^-2h) ε, where D is x_θ
+    (first order) or x_θ + (1/2)(x_θ - x_θ,prev)/r extrapolated in λ (second order, as DPM-Solver++(2M), Alg. 2)."""
+    alpha_s, sigma_s = vp_coefficients(sigma)
+    alpha_t, sigma_t = vp_coefficients(sigma_next)
+    lam_s = alpha_s.log() - sigma_s.log()
+    h = alpha_t.log() - sigma_t.log() - lam_s  # +∞ at σ_next = 0: x_t = x_θ
+    denoised = (x - sigma_s * eps) / alpha_s
+    x = sigma_t / sigma_s * torch.exp(-h) * x + alpha_t * (1 - torch.exp(-2.0 * h)) * denoised
+    if denoised_prev is not None:
+        alpha_p, sigma_p = vp_coefficients(sigma_prev)
+        r = (lam_s - (alpha_p.log() - sigma_p.log())) / h  # r_i = h_i-1 / h_i
+        x = x + 0.5 * (alpha_t * (1 - torch.exp(-2.0 * h))) * (1.0 / r * (denoised - denoised_prev))
+    return x + sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h)) * noise, denoised
+
+
+def dpmpp_2m_sde(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise,
+                 eta: float) -> Out:  # fmt: skip
+    """First order at the first call and the last (to σ = 0), second order between; fresh ε at every call."""
+    previous = () if i == 0 or i == len(s.timesteps) - 1 else (s.sigmas[i - 1], state.denoised)
+    x, denoised = dpmpp_2m_sde_step(x, eps, s.sigmas[i], s.sigmas[i + 1], noise, *previous)
+    return x, SamplerState(denoised=denoised)
+
+
+def dpm2_calls(s: Schedule, steps: int, config: SchedulerConfig, schedule: str, ancestral: bool = False) -> Schedule:
+    """DPM2's UNet calls [σ_0, σ_mid,0, σ_1, σ_mid,1, ..., σ_N-1] then 0: between the steps' σ, their midpoint in
+    log σ (the geometric mean of σ_i and σ_i+1; ancestral: of σ_i and σ_down), its timestep by sigma_to_t. The last
+    step has no midpoint call: it goes straight to σ = 0. Diffusers rounds the Karras timesteps (not Euler's)."""
+    train_sigmas = (lambda a: ((1 - a) / a) ** 0.5)(alphas_cumprod_from(config))
+    timesteps = s.timesteps.round() if schedule == "karras" else s.timesteps
+    sigma, sigma_next = s.sigmas[:-1], s.sigmas[1:]
+    if ancestral:  # the midpoint towards σ_down (euler_ancestral_step's), in float32 like Diffusers
+        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+        mid = sigma.log().lerp(((sigma_next**2 - sigma_up**2) ** 0.5).log(), 0.5).exp()[:-1]
+    else:
+        mid = sigma_next.log().lerp(sigma.log(), 0.5).exp()[:-1]
+    t_mid = sigma_to_t(mid, train_sigmas).to(timesteps.dtype)
+    sigmas = torch.stack([sigma[:-1], mid], 1).flatten()
+    return replace(s, timesteps=torch.cat([torch.stack([timesteps[:-1], t_mid], 1).flatten(), timesteps[-1:]]),
+                   sigmas=torch.cat([sigmas, s.sigmas[-2:]]))  # fmt: skip
+
+
+def dpm2_midpoint(x: Tensor, eps: Tensor, sigma: Tensor, sigma_mid: Tensor) -> tuple[Tensor, SamplerState]:
+    """Even calls of DPM2: an Euler step to the midpoint (EDM Alg. 1 lines 4-5 with σ_i+1 -> σ_mid)."""
+    d = (x - denoise(x, eps, sigma)) / sigma
+    return x + d * (sigma_mid - sigma), SamplerState(x=x)
+
+
+def dpm2(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
+    """DPM-Solver-2 (Lu et al. 2022, arXiv:2206.00927, Alg. 1 with r_1 = 1/2: the midpoint in λ = -log σ) in EDM's
+    variable: the slope at the midpoint, from the step's start, x_i+1 = x_i + d(x_mid; σ_mid) (σ_i+1 - σ_i)."""
+    if i % 2 == 0:
+        return dpm2_midpoint(x, eps, s.sigmas[i], s.sigmas[i + 1])
+    d_mid = (x - denoise(x, eps, s.sigmas[i])) / s.sigmas[i]
+    return state.x + d_mid * (s.sigmas[i + 1] - s.sigmas[i - 1]), None
+
+
+def dpm2_a(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
+    """DPM2 ancestral: the midpoint step down to σ_down, then fresh noise σ_up ε, as euler_ancestral_step splits
+    σ_i+1 (DDIM Eq. 16 with η = 1)."""
+    if i % 2 == 0:
+        return dpm2_midpoint(x, eps, s.sigmas[i], s.sigmas[i + 1])
+    sigma, sigma_next = s.sigmas[i - 1], s.sigmas[i + 1]
+    sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+    sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+    d_mid = (x - denoise(x, eps, s.sigmas[i])) / s.sigmas[i]
+    return state.x + d_mid * (sigma_down - sigma) + noise * sigma_up, None
+
+
+LCM_ORIGINAL_STEPS, LCM_TIMESTEP_SCALING, LCM_SIGMA_DATA = 50, 10.0, 0.5  # Diffusers' LCMScheduler defaults
+
+
+def lcm_calls(s: Schedule, steps: int, config: SchedulerConfig, schedule: str) -> Schedule:
+    """LCM's timesteps (Luo et al. 2023, arXiv:2310.04378: its distillation's skipping-step schedule, as Diffusers
+    builds it): of the 50 distillation timesteps k - 1, 2k - 1, ..., T - 1 (k = T // 50), `steps` taken at evenly spaced
+    positions from the top, floored. Each call lands on the next call's ᾱ; the last returns its x_0 (no noise)."""
+    T = config.num_train_timesteps
+    k = T // LCM_ORIGINAL_STEPS
+    origin = (torch.arange(LCM_ORIGINAL_STEPS, 0, -1) * k - 1).long()
+    timesteps = origin[(linspace(0, LCM_ORIGINAL_STEPS, steps + 1)[:-1]).floor().long()]
+    alpha_bar = alphas_cumprod_from(config)[timesteps]
+    alpha_bar_prev = torch.cat([alpha_bar[1:], alpha_bar.new_ones(1)])  # the last call returns x_0
+    ab = torch.cat([alpha_bar, alpha_bar_prev[-1:]])
+    return replace(s, timesteps=timesteps, sigmas=((1 - ab) / ab) ** 0.5, init_noise_sigma=1.0, alpha_bar=alpha_bar,
+                   alpha_bar_prev=alpha_bar_prev)  # fmt: skip
+
+
+def lcm(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
+    """LCM's multistep sampling (Consistency Models' Alg. 1, "multistep consistency sampling", in LCM's latent
+    form): the consistency function f(x, t) = c_skip x + c_out x̂_0, whose scalings c_skip = σ_d² / ((s t)² + σ_d²),
+    c_out = s t / sqrt((s t)² + σ_d²) make f(x, 0) = x (the boundary condition; σ_d = 0.5, s = 10, Diffusers'
+    values), x̂_0 from DDIM Eq. 12; then noised forward to the next call's ᾱ (DDPM Eq. 4) with a fresh ε, except at
+    the last call."""
+    abar, abar_prev = s.alpha_bar[i], s.alpha_bar_prev[i]
+    scaled_t = s.timesteps[i] * LCM_TIMESTEP_SCALING  # float32 (Diffusers' tensor arithmetic)
+    c_skip = LCM_SIGMA_DATA**2 / (scaled_t**2 + LCM_SIGMA_DATA**2)
+    c_out = scaled_t / (scaled_t**2 + LCM_SIGMA_DATA**2) ** 0.5
+    x0 = (x - (1 - abar).sqrt() * eps) / abar.sqrt()
+    denoised = c_out * x0 + c_skip * x
+    if noise is None:
+        return denoised, state
+    return abar_prev.sqrt() * denoised + (1 - abar_prev).sqrt() * noise, state
+
+
 @dataclass(frozen=True)
 class Sampler:
     """One sampler as data: what make_schedule builds for it and what step() and graph_step() do at each UNet call."""
@@ -350,45 +663,181 @@ class Sampler:
     name: str  # ours, the CLI's --scheduler value
     a1111_name: str  # A1111's name for it, written in the PNG metadata
     variable: str  # what it moves: EDM_X or X_T
-    karras: bool  # Diffusers 0.42 offers use_karras_sigmas for it
+    schedules: tuple[str, ...]  # the schedule types (SCHEDULES) Diffusers 0.42 offers for it: "default" always;
+    # "karras", "exponential", "beta" where its class takes use_karras/exponential/beta_sigmas; "align_your_steps"
+    # where its set_timesteps takes `timesteps=`
     unet_calls: int  # UNet calls per step (Diffusers' scheduler.order)
     spacing: str  # Diffusers' default timestep_spacing for it
     step: Callable[[Schedule, int, Tensor, Tensor, SamplerState | None, Noise, float], Out]  # one UNet call's update
     graph: Callable[[Schedule, Tensor, Tensor, Tensor, States, Noise, float], GraphOut] | None = None  # graph_step's
     # update where `step` has branches or state (None: `step` serves graph_step too)
     states: int = 0  # how many tensors of state graph() carries from call to call (its States)
-    draws: Callable[[Tensor, float], bool] = lambda t, eta: False  # does step() draw ε at a call at t, given η
+    draws: Callable[[Schedule, int, float], bool] = lambda s, i, eta: False  # does step() draw ε at call i, given η
     alpha_bar_prev: Callable[[Tensor, Tensor, SchedulerConfig], Tensor] | None = None  # DDIM/DDPM: the ᾱ steps land on
     eta: bool = False  # takes DDIM's η (Eq. 16); the others would ignore it
+    make_calls: Callable[[Schedule, int, SchedulerConfig, str], Schedule] | None = None  # turns the per-step schedule
+    # (one entry per step, before img2img's cut) into its UNet calls' where they differ: PNDM's repeated call, DPM2's
+    # midpoints, LCM's timesteps, LMS's weights (Schedule.coefficients); given steps, config, schedule type
+    eager_only: bool = False  # True: no graph_step; GraphLoop (fast_path.py) hands it to the eager loop
+    noise_dtype: torch.dtype | None = None  # the dtype Diffusers draws its ε in (None: the UNet output's)
+    max_steps: int | None = None  # the most steps it takes (LCM: the 50 steps of its distillation schedule)
+    a1111_schedule: str = "default"  # what A1111 1.9+ runs for it under "Schedule type: Automatic" (its sampler's
+    # options["scheduler"]: karras for DPM++ 2M, DPM2, DPM2 a; exponential for DPM++ 2M SDE), for reading its PNGs
+
+    @property
+    def karras(self) -> bool:  # the --karras alias of schedule "karras"
+        return "karras" in self.schedules
 
 
 # The SD 1.5 scheduler file was written for PNDM and names no timestep_spacing, so every Diffusers class keeps
 # its own default (verified in 0.42; older versions carried PNDM's "leading" over to all of them).
 SAMPLERS: dict[str, Sampler] = {s.name: s for s in (
-    Sampler("euler", "Euler", EDM_X, karras=True, unet_calls=1, spacing="linspace",
+    Sampler("euler", "Euler", EDM_X, schedules=ALL_SCHEDULES, unet_calls=1, spacing="linspace",
             step=euler),
-    Sampler("euler_a", "Euler a", EDM_X, karras=False, unet_calls=1, spacing="linspace",
-            step=euler_a, draws=lambda t, eta: True),
-    Sampler("heun", "Heun", EDM_X, karras=True, unet_calls=2, spacing="linspace",
+    Sampler("euler_a", "Euler a", EDM_X, schedules=("default",), unet_calls=1, spacing="linspace",
+            step=euler_a, draws=lambda s, i, eta: True),
+    Sampler("heun", "Heun", EDM_X, schedules=ALL_SCHEDULES, unet_calls=2, spacing="linspace",
             step=heun, graph=heun_graph, states=2),  # x_i, d_i
-    Sampler("dpmpp_2m", "DPM++ 2M", X_T, karras=True, unet_calls=1, spacing="linspace",
-            step=dpmpp_2m, graph=dpmpp_2m_graph, states=1),  # the previous call's x_θ
-    Sampler("ddim", "DDIM", X_T, karras=False, unet_calls=1, spacing="leading",
-            step=ddim, draws=lambda t, eta: eta > 0, alpha_bar_prev=ddim_alpha_bar_prev, eta=True),
-    Sampler("ddpm", "DDPM", X_T, karras=False, unet_calls=1, spacing="leading",
-            step=ddpm, draws=lambda t, eta: bool(t > 0), alpha_bar_prev=ddpm_alpha_bar_prev),
+    Sampler("dpmpp_2m", "DPM++ 2M", X_T, schedules=ALL_SCHEDULES, unet_calls=1, spacing="linspace",
+            step=dpmpp_2m, graph=dpmpp_2m_graph, states=1, a1111_schedule="karras"),  # state: the previous x_θ
+    Sampler("ddim", "DDIM", X_T, schedules=("default",), unet_calls=1, spacing="leading",
+            step=ddim, draws=lambda s, i, eta: eta > 0, alpha_bar_prev=ddim_alpha_bar_prev, eta=True),
+    Sampler("ddpm", "DDPM", X_T, schedules=("default", "align_your_steps"), unet_calls=1, spacing="leading",
+            step=ddpm, draws=lambda s, i, eta: bool(s.timesteps[i] > 0), alpha_bar_prev=ddpm_alpha_bar_prev),
+    Sampler("pndm", "PLMS", X_T, schedules=("default",), unet_calls=1, spacing="leading",
+            step=pndm, alpha_bar_prev=ddim_alpha_bar_prev, make_calls=pndm_calls, eager_only=True),
+    Sampler("lms", "LMS", EDM_X, schedules=SIGMA_ONLY, unet_calls=1, spacing="linspace",
+            step=lms, make_calls=lms_calls, eager_only=True),
+    Sampler("unipc", "UniPC", X_T, schedules=SIGMA_ONLY, unet_calls=1, spacing="linspace",
+            step=unipc, eager_only=True),
+    Sampler("dpmpp_2m_sde", "DPM++ 2M SDE", X_T, schedules=ALL_SCHEDULES, unet_calls=1, spacing="linspace",
+            step=dpmpp_2m_sde, draws=lambda s, i, eta: True, noise_dtype=torch.float32, eager_only=True,
+            a1111_schedule="exponential"),
+    Sampler("dpm2", "DPM2", EDM_X, schedules=SIGMA_ONLY, unet_calls=2, spacing="linspace",
+            step=dpm2, make_calls=dpm2_calls, eager_only=True, a1111_schedule="karras"),
+    Sampler("dpm2_a", "DPM2 a", EDM_X, schedules=SIGMA_ONLY, unet_calls=2, spacing="linspace",
+            step=dpm2_a, make_calls=partial(dpm2_calls, ancestral=True), draws=lambda s, i, eta: i % 2 == 1,
+            eager_only=True, a1111_schedule="karras"),
+    Sampler("lcm", "LCM", X_T, schedules=("default",), unet_calls=1, spacing="leading",
+            step=lcm, make_calls=lcm_calls, draws=lambda s, i, eta: i < len(s.timesteps) - 1, eager_only=True,
+            max_steps=LCM_ORIGINAL_STEPS),
 )}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- names: ours, A1111's, your own
+BUILT_IN = frozenset(SAMPLERS)
+
+
+def schedule_problem(sampler: str, schedule: str, steps: int | None = None) -> str | None:
+    """Why `sampler` cannot run `schedule` (at `steps` steps), as one line; None if it can."""
+    if schedule not in SCHEDULES:
+        return f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}"
+    if schedule not in SAMPLERS[sampler].schedules:
+        takes = [name for name, s in SAMPLERS.items() if schedule in s.schedules]
+        return f"schedule {schedule} works with {', '.join(takes)}, not {sampler} (Diffusers has no such option for it)"
+    if steps is not None and steps > (SAMPLERS[sampler].max_steps or steps):
+        return f"{sampler} takes at most {SAMPLERS[sampler].max_steps} steps, got {steps}"
+    if schedule == "align_your_steps" and steps is not None:
+        if steps < 2:
+            return "align_your_steps needs at least 2 steps (1 would be its last, nearly noise-free timestep)"
+        t = align_your_steps_timesteps(steps)
+        if (t[1:] >= t[:-1]).any():
+            return f"align_your_steps at {steps} steps repeats timesteps (t is an integer below 1000); use fewer steps"
+    return None
+
+
+def find_sampler(name: str) -> tuple[str, str | None]:
+    """(our sampler name, the schedule the name implies or None) for our name ("dpmpp_2m") or A1111's ("DPM++ 2M",
+    "Euler a", "PLMS"), case-insensitive, optionally followed by a schedule as A1111's names were before 1.9
+    ("DPM++ 2M Karras", "Euler Exponential"). A name alone implies no schedule; A1111's "Automatic" is read only from
+    its PNGs (sampler_from_a1111). ValueError with the choices for any other name."""
+    names = {key.casefold(): s.name for s in SAMPLERS.values() for key in (s.a1111_name, s.name)}
+    key = " ".join(name.split()).casefold()
+    if key in names:
+        return names[key], None
+    for schedule, label in SCHEDULES.items():
+        for suffix in (label.casefold(), schedule):
+            if key.endswith(" " + suffix) and key[: -len(suffix) - 1] in names:
+                return names[key[: -len(suffix) - 1]], schedule
+    a1111 = ", ".join(s.a1111_name for s in SAMPLERS.values())
+    raise ValueError(f"unknown scheduler {name!r:.60}; choose one of {', '.join(SAMPLERS)}, or A1111's {a1111}, "
+                     f"optionally followed by a schedule type ({', '.join(list(SCHEDULES.values())[1:])})")  # fmt: skip
+
+
+def find_schedule(name: str) -> str | None:
+    """Our schedule type for our name or A1111's label ("Karras", "Align Your Steps"; "Uniform" is default),
+    case-insensitive; None for any other name."""
+    key = " ".join(name.split()).casefold()
+    return next((ours for ours, label in SCHEDULES.items() if key in (ours, label.casefold())), None)
+
+
+def sampler_to_a1111(sampler: str, schedule: str) -> tuple[str, str | None]:
+    """A1111 1.9+'s "Sampler" and "Schedule type" fields for a run (PNG metadata), "Schedule type" None where it is
+    "Automatic" (the sampler's own; A1111 reads a missing field as that, modules/infotext_utils.py)."""
+    record = SAMPLERS[sampler]
+    if schedule == record.a1111_schedule == "default":
+        return record.a1111_name, None
+    return record.a1111_name, SCHEDULES[schedule]  # "Uniform" where A1111's Automatic would be another one
+
+
+def sampler_from_a1111(sampler_field: str, schedule_field: str | None = None) -> tuple[str, str]:
+    """(sampler, schedule) from an A1111 PNG's "Sampler" and "Schedule type" fields, read as A1111 1.9+ reads them
+    (modules/sd_samplers.py, get_sampler_and_scheduler): a schedule suffix of the sampler's name wins, then the field;
+    "Automatic" or no field is the sampler's own (Sampler.a1111_schedule: Karras for DPM++ 2M). ValueError (one
+    line) for a sampler or schedule type we do not have, or a combination Diffusers does not offer."""
+    sampler, schedule = find_sampler(sampler_field)
+    label = " ".join((schedule_field or "Automatic").split()).casefold()
+    if schedule is None and label == "automatic":
+        schedule = SAMPLERS[sampler].a1111_schedule
+    elif schedule is None:
+        schedule = find_schedule(label)
+        if schedule is None:
+            known = ", ".join(["Automatic", *SCHEDULES.values()])
+            raise ValueError(f"schedule type {schedule_field!r:.40} is not one of ours: {known}")
+    if problem := schedule_problem(sampler, schedule):
+        raise ValueError(problem)
+    return sampler, schedule
+
+
+def register(sampler: Sampler) -> Sampler:
+    """Bring your own sampler: add `sampler` (a Sampler record with a step function of your own) under its name, for
+    generate(scheduler=name), the CLI in the same process and bench/sampler_lab.py. Registering a name again replaces
+    your earlier record; the built-in names are taken. A sampler with state or branches also needs `graph` and
+    `states` for the CUDA-graph loop of speed_up() (see heun_graph), or eager_only=True; the eager loop needs only
+    `step`. README: "Your own sampler"."""
+    taken = {key.casefold(): s.name for s in SAMPLERS.values() for key in (s.name, s.a1111_name)}
+    problems = {
+        "name must be a lowercase identifier, like 'ab2'": not (sampler.name.isidentifier() and sampler.name.islower()),
+        f"{sampler.name!r} is a built-in sampler": sampler.name in BUILT_IN,
+        f"a1111_name {sampler.a1111_name!r} names another sampler":
+            taken.get(sampler.a1111_name.casefold(), sampler.name) != sampler.name,
+        "variable must be EDM_X or X_T": sampler.variable not in (EDM_X, X_T),
+        f"schedules must include 'default' and only {', '.join(SCHEDULES)}":
+            "default" not in sampler.schedules or not set(sampler.schedules) <= set(SCHEDULES),
+        "unet_calls must be >= 1": sampler.unet_calls < 1,
+        "spacing must be leading, linspace or trailing": sampler.spacing not in ("leading", "linspace", "trailing"),
+    }  # fmt: skip
+    for problem, found in problems.items():
+        if found:
+            raise ValueError(f"cannot register {sampler.name!r}: {problem}")
+    SAMPLERS[sampler.name] = sampler
+    return sampler
 
 
 # ----------------------------------------------------------------------------- the schedule of a run
 
 
 def make_schedule(sampler: str, steps: int, config: SchedulerConfig, karras: bool = False, spacing: str | None = None,
-                  strength: float = 1.0) -> Schedule:  # fmt: skip
+                  strength: float = 1.0, schedule: str = "default") -> Schedule:  # fmt: skip
     """The schedule `<Scheduler>.from_config(config)` + `set_timesteps(steps)` gives in Diffusers 0.42, cut to
-    the last min(int(steps * strength), steps) steps for img2img as StableDiffusionImg2ImgPipeline does."""
-    if sampler not in SAMPLERS or (karras and not SAMPLERS[sampler].karras):
-        raise ValueError(f"no sampler {sampler!r}{' with Karras sigmas' if karras else ''}")
+    the last min(int(steps * strength), steps) steps for img2img as StableDiffusionImg2ImgPipeline does. `schedule`
+    (SCHEDULES) is Diffusers' use_<schedule>_sigmas=True, or set_timesteps(timesteps=align_your_steps_timesteps(steps));
+    karras=True is schedule="karras"."""
+    schedule = "karras" if karras else schedule
+    if sampler not in SAMPLERS:
+        raise ValueError(f"no sampler {sampler!r}")
+    if problem := schedule_problem(sampler, schedule, steps):
+        raise ValueError(problem)
     record, T, offset = SAMPLERS[sampler], config.num_train_timesteps, config.steps_offset
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in [1, {T}]")
@@ -397,43 +846,49 @@ def make_schedule(sampler: str, steps: int, config: SchedulerConfig, karras: boo
     train_sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5  # σ_t for t = 0..T-1 (EDM Table 1)
     alpha_bar = alpha_bar_prev = None
     init_noise_sigma = torch.tensor(1.0)
+    ays = align_your_steps_timesteps(steps) if schedule == "align_your_steps" else None  # replaces the spaced ones
 
     if record.variable == EDM_X:
-        timesteps = spaced_timesteps(steps, spacing, T, offset).float()
+        timesteps = (ays if ays is not None else spaced_timesteps(steps, spacing, T, offset)).float()
         sigmas = sigma_at(timesteps, train_sigmas)
-        if karras:  # Diffusers: between the σ of the first and last spaced timestep, not σ_max and σ_min
-            sigmas = karras_sigmas(sigmas[-1].item(), sigmas[0].item(), steps)
+        if schedule in SIGMA_SCHEDULES:  # Diffusers: between the σ of the first and last spaced timestep, not T-1, 0
+            sigmas = SIGMA_SCHEDULES[schedule](sigmas[-1].item(), sigmas[0].item(), steps)
             timesteps = sigma_to_t(sigmas, train_sigmas).float()
         sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).float()  # σ_N = 0 (EDM Eq. 5)
         init_noise_sigma = sigmas.max()
         if spacing == "leading":  # Diffusers: sqrt(σ_max² + 1) under "leading", σ_max otherwise
             init_noise_sigma = (init_noise_sigma**2 + 1) ** 0.5
-        if record.unet_calls > 1:  # each step's calls after the first repeat its σ, σ_N excepted (Heun)
+        if record.unet_calls > 1 and record.make_calls is None:  # each step's calls after the first repeat its σ,
+            # σ_N excepted (Heun)
             sigmas = torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(record.unet_calls), sigmas[-1:]])
             timesteps = torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(record.unet_calls)])
     elif record.alpha_bar_prev is None:  # DPM++: steps between σ only
-        if karras:  # between the σ of t = T-1 and t = 0, timesteps rounded
-            sigmas = karras_sigmas(train_sigmas[0].item(), train_sigmas[-1].item(), steps)
-            timesteps = sigma_to_t(sigmas, train_sigmas).round().long()
+        if schedule in SIGMA_SCHEDULES:  # between the σ of t = T-1 and t = 0; Diffusers rounds the Karras timesteps,
+            sigmas = SIGMA_SCHEDULES[schedule](train_sigmas[0].item(), train_sigmas[-1].item(), steps)
+            t = sigma_to_t(sigmas, train_sigmas)  # and truncates the others (a cast to int64)
+            timesteps = (t.round() if schedule == "karras" else t.trunc()).long()
         else:  # DPM-Solver's grid has steps+1 points ending at t=0; the last step goes to σ=0 instead
             n = steps if spacing == "trailing" else steps + 1
-            timesteps = spaced_timesteps(n, spacing, T, offset)[:steps].round().long()
+            timesteps = spaced_timesteps(n, spacing, T, offset)[:steps].round().long() if ays is None else ays.long()
             sigmas = sigma_at(timesteps, train_sigmas)
         sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).float()
     else:  # DDIM, DDPM: steps from ᾱ at each call's t to the ᾱ it lands on
-        timesteps = spaced_timesteps(steps, spacing, T, offset).round().long()
+        timesteps = (ays if ays is not None else spaced_timesteps(steps, spacing, T, offset)).round().long()
         alpha_bar, alpha_bar_prev = alphas_cumprod[timesteps], record.alpha_bar_prev(timesteps, alphas_cumprod, config)
         ab = torch.cat([alpha_bar, alpha_bar_prev[-1:]])
         sigmas = ((1 - ab) / ab) ** 0.5
 
+    full = Schedule(sampler, timesteps, sigmas, float(init_noise_sigma), alpha_bar, alpha_bar_prev)
+    if record.make_calls is not None:
+        full = record.make_calls(full, steps, config, schedule)
+
     # img2img skips the first steps: t_start UNet calls (Diffusers' t_start * scheduler.order)
     t_start = (steps - min(int(steps * strength), steps)) * record.unet_calls
-    if t_start >= len(timesteps):
+    if t_start >= len(full.timesteps):
         raise ValueError(f"strength {strength} leaves no step out of {steps}")
-    cut = slice(t_start, None)
-    ab, ab_prev = (alpha_bar[cut], alpha_bar_prev[cut]) if alpha_bar is not None else (None, None)
-    first_step = t_start // record.unet_calls
-    return Schedule(sampler, timesteps[cut], sigmas[cut], float(init_noise_sigma), ab, ab_prev, first_step)
+    per_call = ("timesteps", "sigmas", "alpha_bar", "alpha_bar_prev", "coefficients")
+    cut = {k: getattr(full, k)[t_start:] for k in per_call if getattr(full, k) is not None}
+    return replace(full, **cut, first_step=t_start // record.unet_calls)
 
 
 def add_noise(schedule: Schedule, x0: Tensor, noise: Tensor, i: int = 0) -> Tensor:
@@ -466,7 +921,9 @@ def predict_x0(schedule: Schedule, i: int, x: Tensor, eps: Tensor) -> Tensor:
     """The sampler's estimate of the clean latent x_0 at UNet call i, from the x it was called on and its (guided)
     ε, in x's dtype; it is what Diffusers returns as `pred_original_sample`. Euler family: D(x; σ) = x - σ ε (EDM
     Eq. 7, x = x_0 + σ ε); DDIM/DDPM: "predicted x_0" (x_t - sqrt(1 - ᾱ_t) ε) / sqrt(ᾱ_t) (DDIM Eq. 12, DDPM
-    Eq. 15); DPM++: the data prediction x_θ = (x_t - σ_t ε) / α_t (DPM-Solver++ Sec. 3)."""
+    Eq. 15); DPM++: the data prediction x_θ = (x_t - σ_t ε) / α_t (DPM-Solver++ Sec. 3). The samplers added later
+    follow their variable: PNDM and LCM the DDIM form (LCM's boundary-condition `denoised` differs from it by under
+    1e-5 relative at its smallest t, 19), UniPC and DPM++ 2M SDE x_θ, LMS and DPM2 (a) D(x; σ) at the call's σ."""
     compute = torch.promote_types(x.dtype, torch.float32)
     xc, e = x.to(compute), eps.to(compute)
     if SAMPLERS[schedule.sampler].variable == EDM_X:
@@ -498,8 +955,8 @@ def step(schedule: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState
     samplers draw one ε per call from `generator` (in eps's dtype), where Diffusers does: every call for euler_a
     and for DDIM with η > 0, calls with t > 0 for DDPM."""
     sampler, compute = SAMPLERS[schedule.sampler], torch.promote_types(x.dtype, torch.float32)
-    draws = sampler.draws(schedule.timesteps[i], eta)
-    noise = draw_noise(eps.shape, eps.dtype, eps.device, generator) if draws else None
+    draws = sampler.draws(schedule, i, eta)
+    noise = draw_noise(eps.shape, sampler.noise_dtype or eps.dtype, eps.device, generator) if draws else None
     x_next, state = sampler.step(schedule, i, x.to(compute), eps.to(compute), state, noise, eta)
     return x_next.to(x.dtype), state
 
@@ -509,7 +966,7 @@ def step(schedule: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState
 
 def draws_noise(schedule: Schedule, eta: float) -> list[bool]:
     """The UNet calls at which step() draws a fresh ε (Sampler.draws)."""
-    return [bool(SAMPLERS[schedule.sampler].draws(t, eta)) for t in schedule.timesteps]
+    return [bool(SAMPLERS[schedule.sampler].draws(schedule, i, eta)) for i in range(len(schedule.timesteps))]
 
 
 def graph_step(s: Schedule, i: Tensor, x: Tensor, eps: Tensor, state: States, noise: Noise,
@@ -520,6 +977,8 @@ def graph_step(s: Schedule, i: Tensor, x: Tensor, eps: Tensor, state: States, no
     before the first call). Returns the new x and state; bit for bit step()'s on the same device (test_compile)."""
     compute = torch.promote_types(x.dtype, torch.float32)
     sampler = SAMPLERS[s.sampler]
+    if sampler.eager_only:
+        raise ValueError(f"{s.sampler} has no graph step (Sampler.eager_only): run it with step(), in the eager loop")
     x_next, state = (sampler.graph or sampler.step)(s, i, x.to(compute), eps.to(compute), state, noise, eta)
     return x_next.to(x.dtype), state
 
@@ -528,14 +987,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description="Print a sampler's schedule as Diffusers 0.42 would run it.")
     p.add_argument("--print-schedule", choices=SAMPLERS, required=True, metavar="SAMPLER", help=", ".join(SAMPLERS))
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--karras", action="store_true", help="Karras et al. 2022 sigmas (euler, heun, dpmpp_2m)")
+    p.add_argument("--karras", action="store_true", help="Karras et al. 2022 sigmas (= --schedule karras)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="default", help="schedule type (Sampler.schedules)")
     p.add_argument("--spacing", choices=("leading", "linspace", "trailing"), help="default: the sampler's own")
     p.add_argument("--strength", type=float, default=1.0, help="img2img strength: run only the last steps")
     p.add_argument("--config", type=Path, help="a scheduler_config.json (default: SD 1.5's)")
     a = p.parse_args()
     raw, keys = json.loads(a.config.read_text()) if a.config else {}, {f.name for f in fields(SchedulerConfig)}
     config = SchedulerConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in keys})
-    s = make_schedule(a.print_schedule, a.steps, config, a.karras, a.spacing, a.strength)
+    s = make_schedule(a.print_schedule, a.steps, config, a.karras, a.spacing, a.strength, a.schedule)
     print(f"timesteps: {[round(v, 4) for v in s.timesteps.tolist()]}")
     print(f"sigmas:    {[round(v, 4) for v in s.sigmas.tolist()]}")
     print(f"init_noise_sigma: {s.init_noise_sigma:.6f}")

@@ -67,8 +67,11 @@ def as_type(name: str, value: object, kind: type) -> object:
 class Settings:
     """How to sample: the keyword arguments of generate() and the options of the CLI, with one default each."""
 
-    scheduler: str = setting("euler", f"sampler: one of {', '.join(sampling.SAMPLERS)}")
-    karras: bool = setting(False, "use the Karras et al. 2022 noise levels (rho 7)")
+    scheduler: str = setting("euler", f"sampler: one of {', '.join(sampling.SAMPLERS)}, or A1111's name with its "
+                             "schedule type ('DPM++ 2M Karras', 'Euler a')")  # fmt: skip
+    karras: bool = setting(False, "use the Karras et al. 2022 noise levels (rho 7): --schedule karras")
+    schedule: str = setting("default", f"schedule type (A1111's): {', '.join(sampling.SCHEDULES)}; default: the "
+                            "sampler's own (Diffusers'); which sampler takes which: README")  # fmt: skip
     steps: int = setting(30, "number of denoising steps")
     guidance_scale: float = setting(7.5, "classifier-free guidance scale; <= 1 disables")
     height: int | None = setting(None, f"image height in pixels (multiple of 8); default {DEFAULT_SIZE}, or the init "
@@ -124,19 +127,36 @@ class Settings:
                 f"unknown hires upscaler {s.hires_upscaler!r}; choose one of {', '.join(hires.A1111_NAMES)}"
             )
         s = replace(s, hires_upscaler=upscaler)  # A1111's name ("Latent (bicubic)") -> ours
+        s = s.with_sampler_names()
         s.check(img2img, factor, clip_layers)
         # a random seed leaves room for seed + i of every image (the CLI gives image i of a batch its own seed)
         return s if s.seed != -1 else replace(s, seed=secrets.randbelow(MAX_SEED + 2 - s.num_images))
+
+    def with_sampler_names(self) -> Settings:
+        """The scheduler as our name and the schedule it runs: A1111's names resolved ("DPM++ 2M Karras" is dpmpp_2m
+        with schedule karras), --karras as schedule karras (and karras set exactly when the schedule is karras). Two
+        different schedules asked for at once are a UserError. Registered samplers count as they are at this call."""
+        try:
+            scheduler, implied = sampling.find_sampler(self.scheduler)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        schedule = sampling.find_schedule(self.schedule) or self.schedule  # A1111's labels too ("Karras")
+        asked = {implied, "karras" if self.karras else None, schedule if schedule != "default" else None}
+        asked.discard(None)
+        if len(asked) > 1:
+            raise UserError(f"--scheduler {self.scheduler!r}, --schedule {self.schedule} and --karras ask for "
+                            f"different schedules ({', '.join(sorted(asked))}); give one")  # fmt: skip
+        schedule = asked.pop() if asked else "default"
+        return replace(self, scheduler=scheduler, schedule=schedule, karras=schedule == "karras")
 
     def check(self, img2img: bool, factor: int, clip_layers: int) -> None:
         sampler = sampling.SAMPLERS.get(self.scheduler)
         if sampler is None:
             raise UserError(f"unknown scheduler {self.scheduler!r}; choose one of {', '.join(sampling.SAMPLERS)}")
-        if self.karras and not sampler.karras:
-            karras = [name for name, s in sampling.SAMPLERS.items() if s.karras]
-            raise UserError(f"--karras works with {', '.join(karras)}, not {self.scheduler}")
         if not 1 <= self.steps <= MAX_STEPS:
             raise UserError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
+        if problem := sampling.schedule_problem(self.scheduler, "karras" if self.karras else self.schedule, self.steps):
+            raise UserError(problem)
         for name in ("guidance_scale", "strength", "eta"):
             if getattr(self, name) is not None and not math.isfinite(getattr(self, name)):
                 raise UserError(f"{name.replace('_', ' ')} must be a finite number, got {getattr(self, name)}")

@@ -27,10 +27,12 @@ def parameters_text(s: Settings, prompt: str, negative_prompt: str, size: tuple[
     hashes = hashes or {}
     hires_fix = s.hires_scale > 1 and not img2img
     size = (s.width, s.height) if hires_fix else size  # A1111 records the first pass's size, and the scale
+    named = s.with_sampler_names()  # A1111 1.9+'s two fields; "Schedule type" left out where it is "Automatic"
+    sampler, schedule_type = sampling.sampler_to_a1111(named.scheduler, named.schedule)
     fields = {
         "Steps": s.steps,
-        "Sampler": sampling.SAMPLERS[s.scheduler].a1111_name,
-        "Schedule type": "Karras" if s.karras else None,
+        "Sampler": sampler,
+        "Schedule type": schedule_type,
         "CFG scale": s.guidance_scale,
         "Seed": s.seed,
         "Size": f"{size[0]}x{size[1]}",
@@ -109,25 +111,30 @@ def read_parameters(text: str) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- --from-png: the text -> CLI options
 
-SCHEDULE_TYPES = {"Automatic": False, "Karras": True}  # A1111's Schedule type -> our --karras
 
-
-def sampler_from_a1111(sampler: str, schedule_type: str | None) -> tuple[str, bool]:
-    """A1111's Sampler and Schedule type -> our --scheduler and --karras. Before A1111 1.9 the schedule was part of
-    the sampler's name ("DPM++ 2M Karras"). A sampler minsd lacks raises NotImplementedError; a schedule type the
-    sampler cannot use gives karras False (FROM_PNG's "Schedule type" row names it)."""
-    name = sampler.removesuffix(" Karras")
-    for s in sampling.SAMPLERS.values():
-        if s.a1111_name == name:
-            return s.name, s.karras and (name != sampler or SCHEDULE_TYPES.get(schedule_type) is True)
-    raise NotImplementedError(sampler)
+def sampler_and_schedule(value: str, fields: dict[str, str]) -> tuple[str, str]:
+    """A1111's Sampler and Schedule type -> our --scheduler and --schedule (scheduler.sampler_from_a1111). A sampler
+    minsd lacks raises NotImplementedError; a schedule type it cannot run with that sampler leaves the sampler's
+    default (the "Schedule type" row names it)."""
+    try:
+        return sampling.sampler_from_a1111(value, fields.get("Schedule type"))
+    except ValueError:
+        try:
+            return sampling.find_sampler(value)[0], "default"
+        except ValueError:
+            raise NotImplementedError(value) from None
 
 
 def check_schedule_type(value: str, fields: dict[str, str]) -> tuple:
-    """Schedule type is read with Sampler (sampler_from_a1111); this row only refuses one minsd cannot run."""
-    _, karras = sampler_from_a1111(fields.get("Sampler", "Euler"), value)
-    if value not in SCHEDULE_TYPES or karras != SCHEDULE_TYPES[value]:
-        raise NotImplementedError(value)
+    """Schedule type is read with Sampler (sampler_and_schedule); this row only refuses one minsd cannot run."""
+    try:
+        sampling.sampler_from_a1111(fields.get("Sampler", "Euler"), value)
+    except ValueError:
+        try:
+            sampling.find_sampler(fields.get("Sampler", "Euler"))
+        except ValueError:
+            return ()  # an unknown sampler: its own row names it
+        raise NotImplementedError(value) from None
     return ()
 
 
@@ -158,7 +165,7 @@ def number(kind: type) -> Callable[[str, dict[str, str]], tuple]:
 # text it cannot read. Clip skip is A1111's numbering, as the CLI's --clip-skip.
 FROM_PNG: dict[str, tuple[tuple[str, ...], Callable[[str, dict[str, str]], tuple]]] = {
     "Steps": (("steps",), number(int)),
-    "Sampler": (("scheduler", "karras"), lambda value, fields: sampler_from_a1111(value, fields.get("Schedule type"))),
+    "Sampler": (("scheduler", "schedule"), sampler_and_schedule),
     "Schedule type": ((), check_schedule_type),
     "CFG scale": (("guidance_scale",), number(float)),
     "Seed": (("seed",), number(int)),

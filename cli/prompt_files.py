@@ -12,7 +12,7 @@ from pathlib import Path
 from settings import UserError
 
 LINE_OPTIONS = ("--prompt", "--negative-prompt", "--seed", "--steps", "--guidance-scale", "--width", "--height",
-                "--scheduler")  # fmt: skip
+                "--scheduler", "--schedule")  # fmt: skip
 MAX_FILE = 64 * 2**20  # bytes: a million prompts; /dev/zero or a wrong file is refused, not read to the end
 
 

@@ -194,6 +194,15 @@ DIFFUSERS_SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "ddpm": "DDPMScheduler",
 }
+MORE_SCHEDULERS = {  # tests/test_samplers_more.py's samplers: the class and the options that make it ours
+    "pndm": ("PNDMScheduler", {}),  # skip_prk_steps comes from SD 1.5's scheduler_config.json
+    "lms": ("LMSDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}),
+    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "lcm": ("LCMScheduler", {}),
+}
 
 
 def with_scheduler(ref, name: str, karras: bool = False):
@@ -203,8 +212,8 @@ def with_scheduler(ref, name: str, karras: bool = False):
 
     if not hasattr(ref, "loaded_scheduler_config"):
         ref.loaded_scheduler_config = ref.scheduler.config  # the PNDM config as loaded
-    cls = getattr(diffusers, DIFFUSERS_SCHEDULERS[name])
-    options = {"use_karras_sigmas": True} if karras else {}
+    cls, options = MORE_SCHEDULERS[name] if name in MORE_SCHEDULERS else (DIFFUSERS_SCHEDULERS[name], {})
+    cls, options = getattr(diffusers, cls), {**options, **({"use_karras_sigmas": True} if karras else {})}
     ref.scheduler = cls.from_config(ref.loaded_scheduler_config, **options)
     return ref
 

@@ -175,7 +175,7 @@ BAD_INPUTS = {
     "strength-high": (["--strength", "1.5"], "strength must be in (0, 1]"),
     "strength-zero": (["--strength", "0"], "strength must be in (0, 1]"),
     "guidance": (["--guidance-scale", "-1"], "guidance scale must be >= 0"),
-    "scheduler": (["--scheduler", "plms"], "unknown scheduler 'plms'"),
+    "scheduler": (["--scheduler", "DPM fast"], "unknown scheduler 'DPM fast'"),  # A1111's, not ours ("PLMS" is pndm)
     "init-image": (["--init-image", "{tmp}/nope.png"], "cannot read init image"),
     "init-image-garbage": (["--init-image", "{tmp}/garbage.png"], "cannot read init image"),
     "model-folder": (["--model", "{tmp}/no-model"], "does not exist"),

@@ -130,26 +130,27 @@ def test_reads_a1111_parameters_text():
     assert got["Lora hashes"] == "add_detail: 7c6bad76eb54, x: 123" and got["Version"] == "v1.10.1"
     options, missing = options_from_png(got)
     assert options == {"prompt": got["prompt"], "negative_prompt": got["negative_prompt"], "steps": 20,
-                       "scheduler": "dpmpp_2m", "karras": True, "guidance_scale": 7.0, "seed": 1, "width": 512,
+                       "scheduler": "dpmpp_2m", "schedule": "karras", "guidance_scale": 7.0, "seed": 1, "width": 512,
                        "height": 768, "strength": 0.4, "clip_skip": 2}  # fmt: skip
     assert missing == ["ADetailer model: face_yolov8n.pt", 'ADetailer prompt: "a face, smiling: happy"',
                        "Face restoration: CodeFormer", "Hires upscaler: 4x-UltraSharp"]  # fmt: skip
 
 
 @pytest.mark.parametrize(
-    ("line", "scheduler", "karras", "missing"),
+    ("line", "scheduler", "schedule", "missing"),
     [
-        ("Sampler: DPM++ 2M Karras", "dpmpp_2m", True, []),  # before A1111 1.9, the schedule in the name
-        ("Sampler: Euler a, Schedule type: Automatic", "euler_a", False, []),
-        ("Sampler: Euler a, Schedule type: Karras", "euler_a", False, ["Schedule type: Karras"]),
-        ("Sampler: DDIM", "ddim", False, []),
-        ("Sampler: DPM++ 2M, Schedule type: Exponential", "dpmpp_2m", False, ["Schedule type: Exponential"]),
-        ("Sampler: UniPC", None, None, ["Sampler: UniPC"]),
+        ("Sampler: DPM++ 2M Karras", "dpmpp_2m", "karras", []),  # before A1111 1.9, the schedule in the name
+        ("Sampler: Euler a, Schedule type: Automatic", "euler_a", "default", []),
+        ("Sampler: Euler a, Schedule type: Karras", "euler_a", "default", ["Schedule type: Karras"]),
+        ("Sampler: DDIM", "ddim", "default", []),
+        ("Sampler: DPM++ 2M, Schedule type: Exponential", "dpmpp_2m", "exponential", []),
+        ("Sampler: UniPC, Schedule type: Align Your Steps", "unipc", "default", ["Schedule type: Align Your Steps"]),
+        ("Sampler: DPM fast", None, None, ["Sampler: DPM fast"]),
     ],
 )
-def test_sampler_names(line, scheduler, karras, missing):
+def test_sampler_names(line, scheduler, schedule, missing):
     options, got_missing = options_from_png(read_parameters(f"x\n{line}, Steps: 3, Seed: 2, CFG scale: 5"))
-    assert (options.get("scheduler"), options.get("karras"), got_missing) == (scheduler, karras, missing)
+    assert (options.get("scheduler"), options.get("schedule"), got_missing) == (scheduler, schedule, missing)
 
 
 def test_edge_cases_of_the_text():
@@ -183,6 +184,8 @@ CASES = {  # every field minsd writes today
                 "dpmpp_2m", "--karras", "--steps", "3", "--guidance-scale", "6", "--seed", "7", "--height", "24",
                 "--width", "16", "--clip-skip", "2"],
     "ddim-eta": ["--prompt", "a fox", "--scheduler", "ddim", "--eta", "0.5", "--seed", "3"],
+    "schedule": ["--prompt", "a fox", "--scheduler", "DPM++ 2M SDE", "--schedule", "beta", "--seed", "8"],
+    "pndm": ["--prompt", "a fox", "--scheduler", "pndm", "--seed", "1"],
     "img2img": ["--prompt", "a fox", "--init-image", "{init}", "--strength", "0.6", "--seed", "4"],
     "inpaint": ["--prompt", "a fox", "--init-image", "{init}", "--mask-image", "{mask}", "--mask-blur", "2"],
     "loras": ["--prompt", "a fox <lora:owl:0.7>", "--lora", "{fox}:0.6", "--lora-dir", "{loras}", "--seed", "5"],
