@@ -13,10 +13,11 @@ NEGATIVE = "Negative prompt:"  # starts the second part of A1111's parameters te
 
 
 def parameters_text(s: Settings, prompt: str, negative_prompt: str, size: tuple[int, int], model: str,
-                    img2img: bool = False) -> str:  # fmt: skip
+                    img2img: bool = False, controlnets: list[str] = ()) -> str:  # fmt: skip
     """The `parameters` PNG text chunk as A1111's web UI writes it (and Civitai, ComfyUI importers read it):
     prompt line, "Negative prompt: ..." line, then "Key: value" pairs. Our clip skip k is A1111's k + 1. `model`
-    is recorded by name (see model_name), never as a path."""
+    is recorded by name (see model_name), never as a path. `controlnets`: each ControlNet's unit text, recorded as
+    `ControlNet 0: "..."` as A1111's ControlNet extension does (cli/controlnets.py: infotext)."""
     check_metadata_text(prompt, negative_prompt)
     fields = {
         "Steps": s.steps,
@@ -31,6 +32,7 @@ def parameters_text(s: Settings, prompt: str, negative_prompt: str, size: tuple[
         "Denoising strength": s.strength if img2img else None,
         "Mask blur": s.mask_blur or None,
         "Eta": s.eta if s.eta else None,
+        **{f"ControlNet {i}": unit for i, unit in enumerate(controlnets)},
     }
     pairs = ", ".join(f"{k}: {a1111_value(v)}" for k, v in fields.items() if v is not None)
     negative = f"\n{NEGATIVE} {negative_prompt}" if negative_prompt else ""

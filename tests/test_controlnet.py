@@ -5,13 +5,23 @@ the folder; the Canny preprocessor equals OpenCV's; bad input is one line and ex
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from safetensors.torch import load_file, save_file
+from test_single_file import count, rename_all, unet_to_ldm
 
+from cli.main import main
+from cli.png_info import read_parameters
 from conftest import assert_images_close, max_diff, randomize_norms, with_scheduler
+from images import canny
 from min_pipeline import generate, load_controlnet, load_pipeline
+from models.loading import WeightsError
+from models.loading import load_controlnet as load_controlnet_file
+from settings import UserError
 
 PROMPTS = ["a red fox in snow", "a house by a lake"]
 SIZE = dict(height=40, width=24)  # the tiny VAE halves the size: a 20x12 latent
@@ -203,3 +213,227 @@ def test_the_control_image_changes_the_image(ours):
     assert np.abs(a - b).max() > 5e-3, f"another control image changed the image by {np.abs(a - b).max()} only"
     zero = generate(pipe, PROMPTS[0], controlnet=net, control_image=control_picture(24, 40, 0), control_scale=0.0, **kw)
     np.testing.assert_array_equal(zero, plain)  # scale 0: nothing added, as a ControlNet outside [start, end]
+
+
+def test_prompt_editing_gives_the_controlnet_each_steps_context(ours, monkeypatch):
+    """A1111's prompt editing switches the UNet's context at a step: the ControlNet gets the same context as the UNet
+    at every call."""
+    pipe, [net, _] = ours
+    seen = []
+    unet_forward, net_forward = type(pipe.unet).forward, type(net).forward
+    monkeypatch.setattr(type(pipe.unet), "forward", lambda self, x, t, c, *r: seen.append(("unet", c)) or
+                        unet_forward(self, x, t, c, *r))  # fmt: skip
+    monkeypatch.setattr(type(net), "forward", lambda self, x, t, c, *a: seen.append(("net", c)) or
+                        net_forward(self, x, t, c, *a))  # fmt: skip
+    generate(pipe, "a [fox:house:2] in snow", controlnet=net, control_image=control_picture(24, 40), steps=4, **SIZE,
+             output_type="latent", progress=False)  # fmt: skip
+    pairs = list(zip(seen[::2], seen[1::2], strict=True))
+    assert [(a[0], b[0]) for a, b in pairs] == [("net", "unet")] * 4
+    assert all(torch.equal(a[1], b[1]) for a, b in pairs)
+    assert not torch.equal(pairs[0][0][1], pairs[-1][0][1]), "the prompt did not change"
+
+
+# ----------------------------------------------------------------------------- A1111's single files
+
+
+def ldm_controlnet_state(state: dict) -> dict:
+    """A Diffusers ControlNet state dict in the LDM names of ControlNet's cldm.py (A1111's files): the UNet's encoder
+    as openaimodel numbers it (test_single_file's writer), `input_hint_block` a Sequential whose convs sit at the even
+    indices (SiLU between), `zero_convs.i.0` per skip, `middle_block_out.0`."""
+    table = unet_to_ldm(state)
+    blocks = count(state, "controlnet_cond_embedding.blocks")
+    table |= {"controlnet_cond_embedding.conv_in": ("input_hint_block.0", {}),
+              "controlnet_cond_embedding.conv_out": (f"input_hint_block.{2 * blocks + 2}", {}),
+              "controlnet_mid_block": ("middle_block_out.0", {})}  # fmt: skip
+    table |= {f"controlnet_cond_embedding.blocks.{k}": (f"input_hint_block.{2 * k + 2}", {}) for k in range(blocks)}
+    table |= {f"controlnet_down_blocks.{i}": (f"zero_convs.{i}.0", {}) for i in range(count(state,
+              "controlnet_down_blocks"))}  # fmt: skip
+    out = rename_all(state, table)
+    assert len(out) == len(state)
+    return out
+
+
+def write_single_file(folder, path, prefix: str = "control_model."):
+    state = ldm_controlnet_state(load_file(folder / "diffusion_pytorch_model.safetensors"))
+    save_file({prefix + k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("prefix", ["control_model.", ""])
+def test_a1111_single_file_equals_the_folder(nets, tmp_path, prefix):
+    folder = nets[1][0]
+    path = write_single_file(folder, tmp_path / "control_tiny.safetensors", prefix)
+    got, want = load_controlnet_file(path, config=folder).state_dict(), load_controlnet_file(folder).state_dict()
+    assert got.keys() == want.keys()
+    assert all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_single_files_for_other_bases_are_named(nets, tmp_path):
+    state = load_file(write_single_file(nets[1][0], tmp_path / "a.safetensors"))
+    key = next(k for k in state if k.endswith("attn2.to_k.weight"))
+    for width, base in ((1024, "Stable Diffusion 2"), (2048, "Stable Diffusion XL")):
+        save_file({**state, key: torch.zeros(state[key].shape[0], width)}, str(tmp_path / "b.safetensors"))
+        with pytest.raises(WeightsError, match=f"ControlNet for {base}"):
+            load_controlnet_file(tmp_path / "b.safetensors", config=nets[1][0])
+    save_file({**state, "control_model.label_emb.0.0.weight": torch.zeros(3)}, str(tmp_path / "c.safetensors"))
+    with pytest.raises(WeightsError, match="unexpected key label_emb"):
+        load_controlnet_file(tmp_path / "c.safetensors", config=nets[1][0])
+
+
+@pytest.mark.slow
+def test_sd15_controlnet_single_file_matches_diffusers(sd15_model_dir, tmp_path):
+    """The true SD 1.5 sizes: a ControlNet made by ControlNetModel.from_unet on the full-size UNet, written as an A1111
+    single file and loaded with the built-in SD 1.5 ControlNet config; 256x256, 2 steps, CFG."""
+    import diffusers
+
+    unet = diffusers.UNet2DConditionModel.from_pretrained(sd15_model_dir / "unet")
+    ref_net = random_controlnet(unet, 3, widths=(16, 32, 96, 256))
+    del unet
+    folder = tmp_path / "control_sd15"
+    ref_net.save_pretrained(folder)
+    path = write_single_file(folder, tmp_path / "control_v11p_sd15_test.safetensors")
+    # The writer's check: Diffusers reads the file as the folder too (its converter places the hint encoder's conv_out
+    # at input_hint_block.14, SD 1.5's index, so this holds at the true sizes only).
+    ref_state = ref_net.state_dict()
+    read = diffusers.ControlNetModel.from_single_file(str(path), config=str(folder), local_files_only=True)
+    assert all(torch.equal(v, ref_state[k]) for k, v in read.state_dict().items())
+    del read
+    pipe = load_pipeline(str(sd15_model_dir), device="cpu", dtype=torch.float32)
+    hint = control_picture(256, 256)
+    net = load_controlnet(str(path), "cpu", "float32")
+    got = generate(pipe, PROMPTS[0], "blurry", steps=2, height=256, width=256, seed=2, output_type="np",
+                   progress=False, controlnet=net, control_image=hint)  # fmt: skip
+    ref = with_scheduler(reference(sd15_model_dir, ref_net), "euler")
+    want = ref(PROMPTS[0], negative_prompt="blurry", image=hint, height=256, width=256, num_inference_steps=2,
+               generator=torch.Generator().manual_seed(2), output_type="np").images  # fmt: skip
+    assert float(((want <= 0) | (want >= 1)).mean()) < 0.05  # not a saturated image, where any error would hide
+    assert_images_close(got, want, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+def cli(tiny_model_dir, tmp_path, *args: str) -> list[str]:
+    return ["--prompt", "a fox", "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32", "--steps",
+            "2", "--height", "40", "--width", "24", "--seed", "3", "--output", str(tmp_path / "out.png"), "--quiet",
+            *args]  # fmt: skip
+
+
+def test_cli_runs_two_controlnets_and_records_them(tiny_model_dir, nets, ours, tmp_path):
+    """The CLI's image equals generate()'s with the same ControlNets, its Canny map and options; the PNG records each
+    ControlNet as A1111's extension does."""
+    photo = tmp_path / "photo.png"
+    control_picture(30, 50, seed=4).save(photo)
+    a, b = (str(f) for f in nets[1])
+    assert main(cli(tiny_model_dir, tmp_path, "--controlnet", a, "--control-image", str(photo), "--control-scale",
+                    "0.8", "--control-end", "0.5", "--controlnet", b, "--control-image", str(photo),
+                    "--control-preprocess", "canny", "--canny-low", "40", "--canny-high", "120")) == 0  # fmt: skip
+    image = Image.open(tmp_path / "out.png")
+    record = read_parameters(image.text["parameters"])
+    assert record["ControlNet 0"] == ("Module: none, Model: controlnet10, Weight: 0.8, Resize Mode: Just Resize, Low "
+                                      "Vram: False, Guidance Start: 0, Guidance End: 0.5, Pixel Perfect: False, "
+                                      "Control Mode: Balanced")  # fmt: skip
+    canny_unit = "Module: canny, Model: controlnet20, Weight: 1, Resize Mode: Just Resize, Low Vram: False, "
+    assert record["ControlNet 1"].startswith(canny_unit + "Processor Res: 24, Threshold A: 40, Threshold B: 120")
+    pipe, mine = ours
+    edges = Image.fromarray(canny(np.asarray(Image.open(photo).resize((24, 40), Image.LANCZOS)), 40, 120))
+    want = generate(pipe, "a fox", steps=2, seed=3, **SIZE, controlnet=mine, control_image=[Image.open(photo), edges],
+                    control_scale=[0.8, 1.0], control_end=[0.5, 1.0], progress=False)[0]  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(want))
+
+
+BAD = [
+    (["--control-image", "{photo}"], "--control-image applies to the --controlnet before it"),
+    (["--controlnet", "{net}"], "needs a --control-image after it"),
+    (["--controlnet", "{net}", "--control-image", "{tmp}/missing.png"], "cannot read control image"),
+    (["--controlnet", "{net}", "--control-image", "{tmp}/bad.png"], "cannot read control image"),
+    (
+        ["--controlnet", "{net}", "--control-image", "{photo}", "--control-start", "0.6", "--control-end", "0.4"],
+        "must satisfy 0 <= start < end <= 1",
+    ),
+    (["--controlnet", "{net}", "--control-image", "{photo}", "--control-scale", "nan"], "must be finite"),
+    (["--controlnet", "{net}", "--control-image", "{photo}", "--control-preprocess", "depth"], "is not one of"),
+    (["--controlnet", "{net}", "--control-scale", "0.5", "--control-scale", "2"], "given twice"),
+    (["--controlnet", "{tmp}/nothing", "--control-image", "{photo}"], "does not exist"),
+    (["--guess-mode"], "--guess-mode needs a --controlnet"),
+    (["--controlnet", "{sd2}", "--control-image", "{photo}"], "looks like Stable Diffusion 2.x"),
+    (["--controlnet", "{sdxl}", "--control-image", "{photo}"], "looks like Stable Diffusion XL"),
+    (["--controlnet", "{other}", "--control-image", "{photo}"], "ControlNet 0 does not fit this model"),
+]
+
+
+@pytest.fixture(scope="module")
+def other_nets(tiny_model_dir, nets, tmp_path_factory):
+    """ControlNet folders that do not fit the tiny model: SD 2.x's and SDXL's configs (refused when read), and one
+    whose control image encoder downsamples 4x where the tiny VAE does 2x (refused by generate())."""
+    from diffusers import UNet2DConditionModel
+
+    root, net = tmp_path_factory.mktemp("other-controlnets"), nets[1][0]
+    for name, edit in (("sd2", {"cross_attention_dim": 1024}), ("sdxl", {"addition_embed_type": "text_time"})):
+        (root / name).mkdir()
+        (root / name / "config.json").write_text(json.dumps(json.loads((net / "config.json").read_text()) | edit))
+        weights = "diffusion_pytorch_model.safetensors"
+        (root / name / weights).symlink_to(net / weights)
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
+    random_controlnet(unet, 4, widths=(8, 16, 32)).save_pretrained(root / "other")
+    return root
+
+
+@pytest.mark.parametrize("args, message", BAD)
+def test_bad_controlnet_input_is_one_line_and_exit_2(tiny_model_dir, nets, other_nets, tmp_path, capsys, args,
+                                                     message):  # fmt: skip
+    """One line on stderr, exit code 2, no output file, before the UNet runs."""
+    photo = tmp_path / "photo.png"
+    control_picture(24, 40).save(photo)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    names = dict(photo=photo, net=nets[1][0], tmp=tmp_path, **{k: other_nets / k for k in ("sd2", "sdxl", "other")})
+    try:
+        code = main(cli(tiny_model_dir, tmp_path, *[a.format(**names) for a in args]))
+    except SystemExit as e:  # argparse's errors (cli.main.ArgumentParser: one line too)
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err, err
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_generate_refuses_bad_controlnet_arguments(nets, ours):
+    folders, (pipe, nets) = nets[1], ours
+    hint = control_picture(24, 40)
+    cases = [(dict(controlnet=nets, control_image=hint), "need one control image each, got 1"),
+             (dict(controlnet=nets, control_image=[hint, hint], control_scale=[1.0]), "control_scale has 1 values"),
+             (dict(controlnet=nets[0], control_image=hint, control_end=[0.5, 1.0]), "control_end has 2 values"),
+             (dict(controlnet=nets[0], control_image=hint, control_start=0.5, control_end=0.5), "0 <= start < end"),
+             (dict(control_image=hint), "need a ControlNet"),
+             (dict(controlnet=nets[0], control_image="/nonexistent.png"), "cannot read control image")]  # fmt: skip
+    for kwargs, message in cases:
+        with pytest.raises(UserError, match=message):
+            generate(pipe, "a fox", steps=2, **SIZE, progress=False, **kwargs)
+    with pytest.raises(UserError, match="load_controlnet"):
+        half = load_controlnet(str(folders[0]), "cpu", "bfloat16")
+        generate(pipe, "a fox", steps=2, **SIZE, controlnet=half, control_image=hint)
+
+
+# ----------------------------------------------------------------------------- Canny
+
+
+def canny_images() -> list[np.ndarray]:
+    """The test pictures (RGB and grey), uniform noise, and smooth waves with noise in grey and in three channels."""
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:192, 0:256]
+    waves = (128 + 100 * np.sin(x / 13.0) * np.cos(y / 17.0) + rng.normal(0, 8, x.shape)).clip(0, 255).astype(np.uint8)
+    return [np.asarray(control_picture(24, 40)), np.asarray(control_picture(300, 200, 3)),
+            np.asarray(control_picture(300, 200, 3).convert("L")), rng.integers(0, 256, (96, 128, 3), dtype=np.uint8),
+            waves, np.stack([waves, waves[:, ::-1], np.roll(waves, 7, axis=0)], axis=-1)]  # fmt: skip
+
+
+@pytest.mark.parametrize("low, high", [(100, 200), (50, 150), (20.5, 80.7), (200, 100)])
+def test_canny_equals_opencv(low, high):
+    """At least 99.9% of pixels equal to cv2.Canny(image, low, high) (aperture 3, L1), on RGB images as A1111's canny
+    module calls it and on grey ones (measured: all pixels equal)."""
+    cv2 = pytest.importorskip("cv2")
+    for image in canny_images():
+        got, want = canny(image, low, high), cv2.Canny(image, low, high)
+        assert got.dtype == want.dtype == np.uint8 and got.shape == want.shape
+        assert (got == want).mean() >= 0.999, f"{image.shape}: {(got != want).sum()} of {got.size} pixels differ"
+        assert 0 < (want > 0).mean() < 0.5 or low > 100  # edges found, not everything
