@@ -204,6 +204,28 @@ def test_inpainting_matches_diffusers(tiny_model_dir, nets, ours, strength):
     assert_images_close(got, want, atol=1e-4)
 
 
+def test_with_a_lora_matches_diffusers(tiny_model_dir, nets, tmp_path):
+    """A LoRA merged into the UNet and text encoder (not the ControlNet, as Diffusers' and A1111's LoRAs)."""
+    import diffusers
+    from test_lora import fused_reference, kohya, layers, random_lora, write
+
+    from models.lora import apply_lora
+
+    pipe = load_pipeline(str(tiny_model_dir), device="cpu", dtype=torch.float32)
+    file = write(tmp_path / "x.safetensors", kohya(random_lora(pipe, layers(pipe), seed=5, varied=False)))
+    apply_lora(pipe.unet, pipe.text_encoder, file, 0.9)
+    hint = control_picture(24, 40, seed=2)
+    got = generate(pipe, PROMPTS[0], "blurry", steps=3, seed=7, **SIZE, output_type="np", progress=False,
+                   controlnet=load_controlnet(str(nets[1][0]), "cpu", "float32"), control_image=hint)  # fmt: skip
+    base = fused_reference(tiny_model_dir, [file], [0.9])
+    ref = diffusers.StableDiffusionControlNetPipeline(**base.components, controlnet=nets[0][0])
+    ref.set_progress_bar_config(disable=True)
+    ref = with_scheduler(ref, "euler")
+    want = ref(PROMPTS[0], negative_prompt="blurry", image=hint, **SIZE, num_inference_steps=3,
+               generator=torch.Generator().manual_seed(7), output_type="np").images  # fmt: skip
+    assert_images_close(got, want, atol=1e-4)
+
+
 def test_the_control_image_changes_the_image(ours):
     pipe, [net, _] = ours
     kw = dict(steps=4, seed=1, output_type="np", progress=False, **SIZE)
