@@ -278,6 +278,8 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
     if dev.type == "cpu":  # the UNet's freed activations back to the OS and its weights out of RSS before the decode
         trim_heap()
         release_pages(pipe.unet)
+        for control in controls.controls if controls else ():
+            release_pages(control.net)
     images = torch.cat([decode(pipe, x[i : i + 1], tiled) for i in range(n)])
     return to_output(inpaint.paste_back(images) if inpaint else images, output_type)
 
