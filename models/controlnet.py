@@ -2,13 +2,14 @@
 arXiv:2302.05543): a trainable copy of the UNet's first half that sees a control image (edges, depth, pose...) and
 steers the locked UNet through zero convolutions.
 
-Sec. 3.1, Eq. 2: y_c = F(x; Θ) + Z(F(x + Z(c; Θz1); Θc); Θz2), with F the locked block, its copy under Θc and Z a
-1x1 convolution initialised to zero. For SD (Sec. 3.3, Fig. 3) the copy is the UNet's encoder: the time embedding,
-`conv_in`, the 12 down-path blocks and the mid block (models.unet.UNetEncoder, reused here, parameter names and all).
-The control image c_i is first brought to the latent size by a small conv net, c_f = E(c_i) (Sec. 3.3; the released
-v1.1 models use 3x3 convs with SiLU, not the paper's 4x4 ReLU ones), and added to conv_in's output, the role of
+Sec. 3.1, Eq. 2 (arXiv v3): y_c = F(x; Θ) + Z(F(x + Z(c; Θz1); Θc); Θz2), with F the locked block, its copy under
+Θc and Z a 1x1 convolution initialised to zero. For SD (Sec. 3.2, Fig. 3) the copy is the UNet's encoder: the time
+embedding, `conv_in`, the 12 down-path blocks and the mid block (models.unet.UNetEncoder, reused here, parameter names
+and all). The control image c_i is first brought to the latent size by a small conv net, c_f = E(c_i) (Sec. 3.2; the
+released models use 3x3 convs with SiLU, not the paper's 4x4 ReLU ones), and added to conv_in's output, the role of
 Z(c; Θz1). One zero conv per skip (`controlnet_down_blocks`) and one for the mid block (`controlnet_mid_block`) give
-the residuals that UNet.forward adds to its skips and its mid-block output: Z(...; Θz2).
+the residuals that UNet.forward adds to its skips and its mid-block output: Z(...; Θz2). Several ControlNets' residuals
+are summed (Sec. 3.4, composing multiple ControlNets; controls.py).
 
 Parameter names equal the Diffusers checkpoint's (`ControlNetModel`), so loading is one strict `load_state_dict`;
 models/ldm.py maps A1111's single files (`input_hint_block`, `zero_convs`, `middle_block_out`).

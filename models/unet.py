@@ -357,7 +357,7 @@ class UNet(UNetEncoder):
         x, skips = self.encode(self.conv_in(latents), temb, context)  # (B, 4, H, W) -> (B, C0, H, W) -> ...
         if down_residuals is not None:  # ControlNet: its zero convs' outputs join the locked UNet where the skips
             skips = [s + r for s, r in zip(skips, down_residuals, strict=True)]  # leave for the up path and after
-            x = x + mid_residual  # the middle block (Zhang et al. 2023, arXiv:2302.05543, Sec. 3.3, Fig. 3)
+            x = x + mid_residual  # the middle block (Zhang et al. 2023, arXiv:2302.05543, Sec. 3.2, Fig. 3)
 
         for level in self.up_blocks:
             for j, resnet in enumerate(level.resnets):
