@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from cli.png_info import model_name
 from images import canny, open_image
 from models.loading import REPO_ID
 from settings import UserError
@@ -121,13 +122,31 @@ def control_image(unit: Unit, image: Image.Image, size: tuple[int, int]) -> Imag
     return Image.fromarray(canny(rgb, unit.canny_low, unit.canny_high))
 
 
-def infotext(unit: Unit, model_name: str, guess_mode: bool, size: tuple[int, int]) -> str:
+def generate_arguments(controls: list[tuple[Unit, Image.Image, object]], size: tuple[int, int],
+                       guess_mode: bool) -> dict:  # fmt: skip
+    """generate()'s ControlNet arguments for the units, each (Unit, its image, its ControlNet), and an output of
+    `size` = (W, H)."""
+    if not controls:
+        return {}
+    units = [u for u, _, _ in controls]
+    return dict(controlnet=[net for _, _, net in controls], guess_mode=guess_mode,
+                control_image=[control_image(u, image, size) for u, image, _ in controls],
+                control_scale=[u.scale for u in units], control_start=[u.start for u in units],
+                control_end=[u.end for u in units])  # fmt: skip
+
+
+def png_records(controls: list[tuple[Unit, Image.Image, object]], size: tuple[int, int], guess_mode: bool) -> list:
+    """Each unit's `ControlNet i` text for the PNG, the model by name (a repo id's last part, as A1111's file name)."""
+    return [infotext(u, model_name(u.model).rsplit("/")[-1], guess_mode, size) for u, _, _ in controls]
+
+
+def infotext(unit: Unit, name: str, guess_mode: bool, size: tuple[int, int]) -> str:
     """A unit as A1111's ControlNet extension writes it into the PNG (`ControlNet 0: "Module: ..."`, its
     scripts/infotext.py): our control image is stretched to the output size ("Just Resize", as Diffusers), and guess
     mode is the extension's "ControlNet is more important" (which weights the residuals 0.825^k, Diffusers 0.1..1)."""
     thresholds = {"Processor Res": min(size), "Threshold A": f"{unit.canny_low:g}",
                   "Threshold B": f"{unit.canny_high:g}"} if unit.preprocess == "canny" else {}  # fmt: skip
-    fields = {"Module": unit.preprocess, "Model": model_name, "Weight": f"{unit.scale:g}", "Resize Mode": "Just Resize",
+    fields = {"Module": unit.preprocess, "Model": name, "Weight": f"{unit.scale:g}", "Resize Mode": "Just Resize",
               "Low Vram": False, **thresholds, "Guidance Start": f"{unit.start:g}", "Guidance End": f"{unit.end:g}",
               "Pixel Perfect": False,
               "Control Mode": "ControlNet is more important" if guess_mode else "Balanced"}  # fmt: skip

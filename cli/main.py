@@ -22,9 +22,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from cli.controlnets import add_options as add_controlnet_options
-from cli.controlnets import check_units, control_image, infotext
+from cli.controlnets import check_units, generate_arguments, png_records
 from cli.outputs import Output, check_file, check_folder, claim
-from cli.png_info import check_metadata_text, model_name, parameters_text
+from cli.png_info import check_metadata_text, parameters_text
 from cli.prompt_files import prompt_file_jobs
 from cli.trajectory import Watcher
 from fast_path import speed_up
@@ -315,10 +315,7 @@ def run_job(pipe: Pipeline, args: argparse.Namespace, line: argparse.Namespace, 
         n = job.settings.num_images
         factor, s = pipe.vae.downsample_factor, job.settings  # the output size, which a canny map is made at
         size = tuple(x - x % factor for x in job.init.size) if job.init else (s.width, s.height)
-        control = dict(controlnet=[net for _, _, net in controls], control_scale=[u.scale for u, _, _ in controls],
-                       control_image=[control_image(u, image, size) for u, image, _ in controls],
-                       control_start=[u.start for u, _, _ in controls], control_end=[u.end for u, _, _ in controls],
-                       guess_mode=args.guess_mode) if controls else {}  # fmt: skip
+        control = generate_arguments(controls, size, args.guess_mode)
         for i in range(n):
             settings = replace(job.settings, seed=job.settings.seed + i)  # the PNG: this seed, "Batch size: n"
             if watcher is not None and i:
@@ -329,9 +326,8 @@ def run_job(pipe: Pipeline, args: argparse.Namespace, line: argparse.Namespace, 
                                **asdict(replace(settings, num_images=1)))  # fmt: skip
             if job.random_seed and i == 0:  # once it made an image: an error before stays one line
                 tqdm.write(f"seed: {job.settings.seed}", file=sys.stderr)
-            units = [infotext(u, model_name(u.model).rsplit("/")[-1], args.guess_mode, size) for u, _, _ in controls]
             text = parameters_text(settings, line.prompt, line.negative_prompt, image.size, args.model,
-                                   job.init is not None, controlnets=units)  # fmt: skip
+                                   job.init is not None, png_records(controls, size, args.guess_mode))  # fmt: skip
             written.append(job.output.save(image, text, i, n, settings.seed))
         if job.trajectory:
             watcher.write_trajectory(job.trajectory)
