@@ -237,6 +237,20 @@ def test_the_control_image_changes_the_image(ours):
     np.testing.assert_array_equal(zero, plain)  # scale 0: nothing added, as a ControlNet outside [start, end]
 
 
+def test_the_fast_path_leaves_controlnets_to_the_eager_loop(tiny_model_dir, ours):
+    """speed_up()'s graph-ready loop does not run ControlNets: with one, generate() takes the eager loop."""
+    from fast_path import speed_up
+
+    _, [net, _] = ours
+    pipe = speed_up(load_pipeline(str(tiny_model_dir), device="cpu", dtype=torch.float32), compile=False,
+                    cuda_graph=True)  # fmt: skip
+    kw = dict(steps=3, seed=1, output_type="np", progress=False, controlnet=net, control_image=control_picture(24, 40))
+    fast = generate(pipe, PROMPTS[0], **kw, **SIZE)
+    assert not pipe.fast_loop.graphs, "the graph loop ran"
+    pipe.fast_loop = None
+    np.testing.assert_array_equal(fast, generate(pipe, PROMPTS[0], **kw, **SIZE))
+
+
 def test_prompt_editing_gives_the_controlnet_each_steps_context(ours, monkeypatch):
     """A1111's prompt editing switches the UNet's context at a step: the ControlNet gets the same context as the UNet
     at every call."""
