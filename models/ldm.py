@@ -7,7 +7,8 @@ single-file checkpoints (`v1-5-pruned-emaonly.safetensors` and fine-tunes shaped
 without `text_model.`), next to the DDPM noise schedule buffers and, in some files, EMA bookkeeping. The block tables
 below map each LDM block (`input_blocks.4.0`, `decoder.up.3.block.1`) onto a Diffusers block (`down_blocks.1.resnets.0`,
 `decoder.up_blocks.0.resnets.1`), then a parameter's name inside its block. The block indices follow from the config
-(layers per level, number of levels), so small test configs map too.
+(layers per level, number of levels), so small test configs map too. A1111's ControlNet files (ControlNet's cldm.py
+layout, `control_model.` or no prefix) reuse the UNet's table for the encoder they copy (controlnet_blocks).
 
 A key that fits nowhere raises ValueError naming it; `models.loading` adds the file's name.
 """
