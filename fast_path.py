@@ -49,8 +49,8 @@ class GraphLoop:
     captured once as a CUDA graph and replayed per call, with no kernel launch, host read or host sync in the loop;
     one captured loop is kept (a new shape, setting or LoRA merge captures anew). Elsewhere the step runs as it is.
     All of the loop's ε are drawn first, in the eager loop's order from the same generator, and moved to the device
-    once, so a seed gives the eager loop's image. Prompt editing, inpainting, callbacks and the samplers marked
-    Sampler.eager_only (multistep histories: pndm, lms, unipc, ...) take the eager loop."""
+    once, so a seed gives the eager loop's image. Prompt editing, inpainting, ControlNets, callbacks and the samplers
+    marked Sampler.eager_only (multistep histories: pndm, lms, unipc, ...) take the eager loop (generate() chooses)."""
 
     def __init__(self):
         self.graphs = {}  # {key: (buffers, step, graph)}: the captured loop

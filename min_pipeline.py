@@ -31,8 +31,11 @@ from tqdm import tqdm
 
 import hires
 import scheduler as sampling
+from controls import Controls
 from images import Inpainting, image_to_tensor
+from models import loading
 from models.clip import CLIPTextModel
+from models.controlnet import ControlNet
 from models.loading import DEFAULT_MODEL, WeightsError, load_model, load_vae
 from models.taesd import TinyAutoencoder
 from models.unet import UNet
@@ -100,6 +103,19 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: str | torch.device | None 
     return Pipeline(m.tokenizer, m.text_encoder, m.unet, m.vae, m.scheduler_config, dev, dtype, vae_dtype=dtype)
 
 
+def load_controlnet(model: str, device: str | torch.device | None = None,
+                    dtype: str | torch.dtype | None = None) -> ControlNet:  # fmt: skip
+    """A ControlNet for generate(controlnet=...) from a Diffusers-layout folder, a hub repo id
+    (`lllyasviel/control_v11p_sd15_canny`) or an A1111 single file (`control_v11p_sd15_canny.safetensors`). Give it
+    the pipeline's device and dtype; the defaults choose as load_pipeline's do."""
+    if isinstance(dtype, str) and dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dev = pick_device(str(device) if device is not None else None)
+    dtype = (DTYPES.get(dtype) if isinstance(dtype, str) else dtype) or auto_dtype(dev)[0]
+    net = loading.load_controlnet(model, dtype, dev)
+    return net.to(memory_format=torch.channels_last) if dev.type == "cpu" and dtype == torch.bfloat16 else net
+
+
 # ----------------------------------------------------------------------------- 1. prompts -> context
 # prompts.py: tokenize, CLIP-encode (models/clip.py) and, for A1111's syntax, weight and schedule the prompts, giving
 # the UNet's context for every step (prompts.conditioning).
@@ -144,16 +160,19 @@ class StepInfo:
 
 def sample(pipe: Pipeline, schedule: sampling.Schedule, x: torch.Tensor, contexts: list[tuple[int, torch.Tensor]],
            guidance: float | None, generator: torch.Generator, eta: float = 0.0, inpaint: Inpainting | None = None,
-           callback: Callable[[StepInfo], None] | None = None, progress: bool = True) -> torch.Tensor:  # fmt: skip
+           callback: Callable[[StepInfo], None] | None = None, progress: bool = True,
+           controls: Controls | None = None) -> torch.Tensor:  # fmt: skip
     """The denoising loop, one UNet call at a time: scale the input, the UNet on the CFG batch (the unconditional
-    half first), guidance, one sampler step. Features join at three points: the context of the call's step (prompt
-    editing), inpainting's extra UNet input and its reset after the step, and the callback."""
+    half first), guidance, one sampler step. Features join at four points: the context of the call's step (prompt
+    editing), the ControlNets' residuals for the call, inpainting's extra UNet input and its reset after the step,
+    and the callback."""
     state, timesteps = None, schedule.timesteps.to(pipe.device)  # once, not a host-to-device copy per step
     for i, t in enumerate(tqdm(timesteps, desc="denoising", disable=not progress)):
         context = next(c for end, c in contexts if schedule.step_of(i) <= end)
         x_in = sampling.scale_model_input(schedule, i, x)
         x_in = torch.cat([x_in, x_in]) if guidance else x_in
-        eps = pipe.unet(inpaint.unet_input(x_in) if inpaint else x_in, t, context)
+        residuals = controls.residuals(i, len(timesteps), x_in, t, context) if controls else (None, None)
+        eps = pipe.unet(inpaint.unet_input(x_in) if inpaint else x_in, t, context, *residuals)
         if guidance:
             eps = classifier_free_guidance(*eps.chunk(2), guidance)
         x_in, (x, state) = x, sampling.step(schedule, i, x, eps, state, generator=generator, eta=eta)
@@ -230,12 +249,18 @@ def hires_fix(pipe: Pipeline, x: torch.Tensor, s: Settings, contexts: list[tuple
 def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | list[str] = "", *,
              init_image: Image.Image | str | Path | None = None, mask_image: Image.Image | str | Path | None = None,
              prompt_syntax: str = "a1111", output_type: str = "pil", progress: bool = True,
-             callback: Callable[[StepInfo], None] | None = None, **settings):  # fmt: skip
+             callback: Callable[[StepInfo], None] | None = None, controlnet: ControlNet | list | None = None,
+             control_image: Image.Image | str | Path | list | None = None, control_scale: float | list[float] = 1.0,
+             control_start: float | list[float] = 0.0, control_end: float | list[float] = 1.0,
+             guess_mode: bool = False, **settings):  # fmt: skip
     """`num_images` images per prompt, as PIL images; output_type "np": float32 (N, H, W, 3) in [0, 1], "pt": (N, 3, H,
     W), "latent": the final latents, as Diffusers. `settings`: the fields of settings.Settings (steps, seed, ...).
     `init_image`: image-to-image, noised to `strength`; its size, or a height/width given, to which it is resized by
-    `resize_mode` (as the mask); with `mask_image`, inpainting. `callback`
-    gets a StepInfo after every UNet call. seed=-1 draws a random seed (and warns with it)."""
+    `resize_mode` (as the mask); with `mask_image`, inpainting. `callback` gets a StepInfo after every UNet call.
+    seed=-1 draws a random seed (and warns with it). `controlnet`
+    (load_controlnet; or a list) steers the UNet by `control_image` (one each), weighted by `control_scale`, acting
+    from the fraction `control_start` to `control_end` of the UNet calls (a number, or one each); `guess_mode`:
+    ControlNets on the conditional half of CFG only, residuals weighted 0.1 to 1 (Diffusers' meanings)."""
     # 0. Inputs and settings, checked against this model.
     prompts, negatives = check_inputs(prompt, negative_prompt, init_image, mask_image, output_type, prompt_syntax)
     s = model_settings(pipe, settings, init_image is not None, mask_image is not None)
@@ -257,6 +282,10 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
         big = hires.target_size(height, width, s.hires_scale, factor)
         check_cost(pipe, n * (2 if guidance else 1), big, s.hires_steps or s.steps, pipe.vae.needs_tiling(*big))
     dev, generator = pipe.device, torch.Generator().manual_seed(s.seed)  # on the CPU: the same noise on any device
+    controls = Controls.read(pipe, controlnet, control_image, control_scale, control_start, control_end, guess_mode,
+                             (height, width), n, cfg=guidance is not None)  # fmt: skip
+    if controls and s.hires_scale > 1:
+        raise UserError("the hires fix does not take ControlNets yet: run without --hires-scale, then upscale")
 
     # 1. Text -> context for each step: (2B, L, D), the unconditional half first, each prompt's rows repeated
     # num_images times (p0, p0, p1, p1, ...), so that one UNet call serves both halves of CFG.
@@ -281,11 +310,12 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
         sampling.draw_noise((1, channels, h, w), pipe.vae_dtype, dev, generator)
         inpaint = inpaint.at_latents(x, known, noise, None, cfg=guidance is not None)
 
-    # 3. The sampling loop (the fast path's captured loop where speed_up() installed one and no feature joins it).
-    if pipe.fast_loop is not None and len(contexts) == 1 and not inpaint and callback is None:
+    # 3. The sampling loop (the fast path's captured loop where speed_up() installed one and no feature joins it:
+    # prompt editing, inpainting, ControlNets and callbacks take the eager loop).
+    if pipe.fast_loop is not None and len(contexts) == 1 and not inpaint and callback is None and not controls:
         x = pipe.fast_loop(pipe, schedule, x, contexts[0][1], guidance, s.eta, generator, progress)
     else:
-        x = sample(pipe, schedule, x, contexts, guidance, generator, s.eta, inpaint, callback, progress)
+        x = sample(pipe, schedule, x, contexts, guidance, generator, s.eta, inpaint, callback, progress, controls)
     check_finite(x, "denoising loop (UNet and sampler)")
 
     # 5. The hires fix, between the loop and the decode (section 5): upscale, then image-to-image at the larger size.
@@ -302,6 +332,8 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
     if dev.type == "cpu":  # the UNet's freed activations back to the OS and its weights out of RSS before the decode
         trim_heap()
         release_pages(pipe.unet)
+        for control in controls.controls if controls else ():
+            release_pages(control.net)
     images = torch.cat([decode(pipe, x[i : i + 1], tiled) for i in range(n)])
     return to_output(inpaint.paste_back(images) if inpaint else images, output_type)
 

@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from cli.controlnets import add_options as add_controlnet_options
+from cli.controlnets import check_units, generate_arguments, png_records
 from cli.hashes import NETWORK_DIGITS, embeddings_in, hash_fields, model_hash, network_name, sha256
 from cli.outputs import Output, check_file, check_folder, claim
 from cli.png_info import check_metadata_text, model_name, options_from_png, parameters_text, read_png
@@ -28,7 +30,7 @@ from cli.prompt_files import prompt_file_jobs
 from cli.trajectory import Watcher
 from fast_path import speed_up
 from images import open_image
-from min_pipeline import DTYPES, Pipeline, generate, load_pipeline
+from min_pipeline import DTYPES, Pipeline, generate, load_controlnet, load_pipeline
 from models.embeddings import load_embedding
 from models.loading import DEFAULT_MODEL, REPO_ID, WeightsError
 from models.lora import apply_lora, remove_loras
@@ -122,6 +124,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--trajectory-noisy", action="store_true", help="show the noisy latent beside each x0 prediction")
     p.add_argument("--preview-every", type=int, metavar="N", help="rewrite <output>.preview.png every N steps")
     p.add_argument("--keep-preview", action="store_true", help="keep the preview file after the run")
+    add_controlnet_options(p)  # --controlnet PATH --control-image IMG ..., repeatable (cli/controlnets.py)
     args = p.parse_args(argv)
     # The options the user typed (which --from-png must not override): parsed again into a namespace that already
     # holds every option as None, which argparse fills only from the command line, never from the defaults.
@@ -355,11 +358,12 @@ def check_job(args: argparse.Namespace, line: argparse.Namespace, number: int, b
 
 
 def run_job(pipe: Pipeline, args: argparse.Namespace, line: argparse.Namespace, job: Job, batch: bool,
-            embeddings: list[Path] = ()) -> list[Path]:  # fmt: skip
+            embeddings: list[Path] = (), controls: list = ()) -> list[Path]:  # fmt: skip
     """Merge the job's LoRAs, generate, write the PNGs, then the trajectory; returns the files written. Image i of a
     batch is generated alone with seed + i and its own noise, as A1111 does, so that each PNG recreates its image
     (generate(num_images=N) draws a batch as Diffusers does instead). The preview file is claimed (created only if
-    no file has its name) and removed when the job ends, unless --keep-preview kept a finished run's."""
+    no file has its name) and removed when the job ends, unless --keep-preview kept a finished run's. `controls`:
+    the --controlnet units, each (Unit, control image, ControlNet)."""
     for path, weight in job.loras:
         try:
             apply_lora(pipe.unet, pipe.text_encoder, path, weight)
@@ -374,20 +378,24 @@ def run_job(pipe: Pipeline, args: argparse.Namespace, line: argparse.Namespace, 
             watcher = Watcher(pipe, job.trajectory is not None, args.trajectory_decoder, args.trajectory_noisy,
                               job.preview_path, args.preview_every or 1, args.preview_vae)  # fmt: skip
         n = job.settings.num_images
+        factor, s = pipe.vae.downsample_factor, job.settings  # the output size, which a canny map is made at
+        size = tuple(x - x % factor for x in job.init.size) if job.init else (s.width, s.height)
+        control = generate_arguments(controls, size, args.guess_mode)
         for i in range(n):
             settings = replace(job.settings, seed=job.settings.seed + i)  # the PNG: this seed, "Batch size: n"
             if watcher is not None and i:
                 watcher.trajectory = False  # the trajectory follows the first image
             [image] = generate(pipe, job.prompt, line.negative_prompt, init_image=job.init, mask_image=job.mask,
                                prompt_syntax="plain" if args.plain_prompt else "a1111",
-                               progress=not (args.quiet or batch), callback=watcher,
+                               progress=not (args.quiet or batch), callback=watcher, **control,
                                **asdict(replace(settings, num_images=1)))  # fmt: skip
             if job.random_seed and i == 0:  # once it made an image: an error before stays one line
                 tqdm.write(f"seed: {job.settings.seed}", file=sys.stderr)
             used = embeddings_in(pipe.tokenizer, embeddings, [job.prompt, line.negative_prompt])
             hashes = hash_fields(args.model, list(zip(job.lora_names, [p for p, _ in job.loras], strict=True)), used)
             text = parameters_text(settings, job.recorded_prompt, line.negative_prompt, image.size, args.model,
-                                   job.init is not None, hashes, vae=args.vae)  # fmt: skip
+                                   job.init is not None, hashes, vae=args.vae,
+                                   controlnets=png_records(controls, size, args.guess_mode))  # fmt: skip
             written.append(job.output.save(image, text, i, n, settings.seed))
         if job.trajectory:
             watcher.write_trajectory(job.trajectory)
@@ -432,6 +440,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"--from-file writes one image per line into a folder: give --output a folder "
                                 f"({folder}), not the file name {args.output}")  # fmt: skip
             embeddings, init, mask = shared_inputs(args)
+            units = check_units(args)  # the --controlnet options and their control images
             jobs = []  # every line checked before the model loads; a bad one is reported, the rest go on
             for number, line in prompt_file_jobs(args) if batch else [(0, args)]:
                 try:
@@ -441,10 +450,11 @@ def main(argv: list[str] | None = None) -> int:
                         jobs.append((number, line, job))
                 except (UserError, OSError) as e:  # OSError: a path the system refuses (a name too long)
                     failed += report(args, number, e, batch)
+            controls = [(u, image, load_controlnet(u.model, args.device, args.dtype)) for u, image in units if jobs]
             pipe = load_for_cli(args, embeddings) if jobs else None
             for number, line, job in tqdm(jobs, desc="prompts", disable=not batch or args.quiet):
                 try:
-                    paths += run_job(pipe, args, line, job, batch, embeddings)
+                    paths += run_job(pipe, args, line, job, batch, embeddings, controls)
                 except (UserError, NonFiniteError) as e:
                     failed += report(args, number, e, batch)
                 finally:

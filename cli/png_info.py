@@ -17,12 +17,13 @@ NEGATIVE = "Negative prompt:"  # starts the second part of A1111's parameters te
 
 
 def parameters_text(s: Settings, prompt: str, negative_prompt: str, size: tuple[int, int], model: str,
-                    img2img: bool = False, hashes: dict[str, str] | None = None,
-                    vae: str | None = None) -> str:  # fmt: skip
+                    img2img: bool = False, hashes: dict[str, str] | None = None, vae: str | None = None,
+                    controlnets: list[str] = ()) -> str:  # fmt: skip
     """The `parameters` PNG text chunk as A1111's web UI writes it (and Civitai, ComfyUI importers read it):
     prompt line, "Negative prompt: ..." line, then "Key: value" pairs. Our clip skip k is A1111's k + 1. `model`
     is recorded by name (see model_name), never as a path; `hashes` are cli.hashes.hash_fields' (Model hash, Lora
-    hashes, TI hashes)."""
+    hashes, TI hashes). `controlnets`: each ControlNet's unit text, recorded as `ControlNet 0: "..."` as A1111's
+    ControlNet extension does (cli/controlnets.py: infotext)."""
     check_metadata_text(prompt, negative_prompt)
     hashes = hashes or {}
     hires_fix = s.hires_scale > 1 and not img2img
@@ -49,6 +50,7 @@ def parameters_text(s: Settings, prompt: str, negative_prompt: str, size: tuple[
         "Hires upscale": f"{s.hires_scale:g}" if hires_fix else None,  # A1111's extra_generation_params, in order
         "Hires steps": s.hires_steps or None if hires_fix else None,
         "Hires upscaler": hires.A1111_NAMES[s.hires_upscaler] if hires_fix else None,
+        **{f"ControlNet {i}": unit for i, unit in enumerate(controlnets)},
     }
     pairs = ", ".join(f"{k}: {a1111_value(v)}" for k, v in fields.items() if v is not None)
     negative = f"\n{NEGATIVE} {negative_prompt}" if negative_prompt else ""

@@ -7,7 +7,8 @@ single-file checkpoints (`v1-5-pruned-emaonly.safetensors` and fine-tunes shaped
 without `text_model.`), next to the DDPM noise schedule buffers and, in some files, EMA bookkeeping. The block tables
 below map each LDM block (`input_blocks.4.0`, `decoder.up.3.block.1`) onto a Diffusers block (`down_blocks.1.resnets.0`,
 `decoder.up_blocks.0.resnets.1`), then a parameter's name inside its block. The block indices follow from the config
-(layers per level, number of levels), so small test configs map too.
+(layers per level, number of levels), so small test configs map too. A1111's ControlNet files (ControlNet's cldm.py
+layout, `control_model.` or no prefix) reuse the UNet's table for the encoder they copy (controlnet_blocks).
 
 A key that fits nowhere raises ValueError naming it; `models.loading` adds the file's name.
 """
@@ -18,6 +19,7 @@ import re
 
 import torch
 
+from models.controlnet import ControlNetConfig
 from models.unet import UNetConfig
 from models.vae import VAEConfig
 
@@ -163,3 +165,31 @@ def split_single_file(
             raise ValueError(f"unexpected key {key} (not part of an SD 1.5 checkpoint)")
         parts[prefix][key.removeprefix(prefix)] = v
     return parts[TEXT], rename(parts[UNET], unet_blocks(unet_cfg), UNET), rename(parts[VAE], vae_blocks(vae_cfg), VAE)
+
+
+# ----------------------------------------------------------------------------- ControlNet single files
+
+CONTROLNET = "control_model."  # A1111's ControlNet files (ControlNet's cldm.py); some are saved without the prefix
+
+
+def controlnet_blocks(cfg: ControlNetConfig) -> dict[str, tuple[str, dict[str, str]]]:
+    """LDM ControlNet block -> (our block, names inside it). cldm.py's ControlNet copies the UNet's `time_embed`,
+    `input_blocks` and `middle_block` (the UNet's LDM names, mapped as unet_blocks does) and adds `input_hint_block`,
+    one Sequential whose convs sit at the even indices (a SiLU after each), one `zero_convs.i.0` per skip and
+    `middle_block_out.0`."""
+    m = {k: v for k, v in unet_blocks(cfg).items() if k.startswith(("time_embed.", "input_blocks.", "middle_block."))}
+    convs = 2 * (len(cfg.conditioning_embedding_out_channels) - 1)  # between the hint encoder's conv_in and conv_out
+    m["input_hint_block.0"] = ("controlnet_cond_embedding.conv_in", SAME)
+    m |= {f"input_hint_block.{2 * (k + 1)}": (f"controlnet_cond_embedding.blocks.{k}", SAME) for k in range(convs)}
+    m[f"input_hint_block.{2 * (convs + 1)}"] = ("controlnet_cond_embedding.conv_out", SAME)
+    levels = len(cfg.block_out_channels)
+    skips = 1 + levels * cfg.layers_per_block + levels - 1  # conv_in, each ResNet (+ transformer), each downsampler
+    m |= {f"zero_convs.{i}.0": (f"controlnet_down_blocks.{i}", SAME) for i in range(skips)}
+    m["middle_block_out.0"] = ("controlnet_mid_block", SAME)
+    return m
+
+
+def controlnet_single_file(state: dict[str, torch.Tensor], cfg: ControlNetConfig) -> dict[str, torch.Tensor]:
+    """An A1111 ControlNet state dict (with or without `control_model.`) -> ours."""
+    state = {k.removeprefix(CONTROLNET): v for k, v in state.items()}
+    return rename(state, controlnet_blocks(cfg), "")

@@ -25,7 +25,8 @@ from torch import nn
 
 from models import ldm
 from models.clip import CLIPTextConfig, CLIPTextModel
-from models.configs import WeightsError, read_config
+from models.configs import SD2, SDXL, WeightsError, read_config
+from models.controlnet import ControlNet, ControlNetConfig
 from models.taesd import TinyAutoencoder, TinyAutoencoderConfig, TinyDecoder, original_keys
 from models.unet import UNet, UNetConfig
 from models.vae import AutoencoderKL, VAEConfig
@@ -349,6 +350,61 @@ def load_vae(vae: str | Path, dtype: torch.dtype | None = None, device: torch.de
     if path.is_dir():
         return _vae_folder(path, dtype, device)
     return _vae_file(path, dtype, device, config if config is not None else VAEConfig())
+
+
+# ----------------------------------------------------------------------------- ControlNets
+
+CONTROLNET_WEIGHTS = "diffusion_pytorch_model"  # beside config.json, as a hub repo such as lllyasviel/control_v11p_*
+
+
+def load_controlnet(
+    model: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+    config: Path | None = None,
+) -> ControlNet:  # fmt: skip
+    """A ControlNet from a Diffusers-layout folder (`config.json` and `diffusion_pytorch_model.safetensors`, or its
+    `.fp16` variant in float16), a hub repo id of one (`lllyasviel/control_v11p_sd15_canny`), or an A1111 single file
+    (`control_v11p_sd15_canny.safetensors`, LDM names): SD 1.5's ControlNet config, or the folder `config`'s."""
+    path, half = Path(model).expanduser(), dtype == torch.float16
+    if not path.exists():
+        if not REPO_ID.fullmatch(str(model)) or Path(str(model).split("/")[0]).is_dir():
+            raise WeightsError(f"ControlNet {model} does not exist; pass a folder, a .safetensors file or a repo id")
+        path = _download_controlnet(str(model), half)
+    if path.is_dir():
+        cfg = read_config(ControlNetConfig, path / "config.json")
+        names = [f"{CONTROLNET_WEIGHTS}.fp16.safetensors"] * half + [f"{CONTROLNET_WEIGHTS}.safetensors"]
+        file = next((path / n for n in names if (path / n).is_file()), path / names[-1])
+        return build(ControlNet, cfg, load_safetensors(file), str(file), dtype, device)
+    cfg = read_config(ControlNetConfig, Path(config) / "config.json") if config else ControlNetConfig()
+    state = load_safetensors(path)  # refuses pickles (.pth, ...)
+    # An SD 2.x or SDXL ControlNet cross-attends to a wider text encoder: say which model it is for.
+    width = next((v.shape[-1] for k, v in state.items() if k.endswith("attn2.to_k.weight")), cfg.cross_attention_dim)
+    if width != cfg.cross_attention_dim:
+        base = {1024: SD2, 2048: SDXL}.get(width, f"a text encoder of width {width}")
+        raise WeightsError(f"{path} is a ControlNet for {base}; minsd runs SD 1.x ControlNets only")
+    try:
+        state = ldm.controlnet_single_file(state, cfg)
+    except ValueError as e:  # a key that is in no ControlNet
+        raise WeightsError(f"{path}: {e}") from None
+    return build(ControlNet, cfg, state, str(path), dtype, device)
+
+
+def _download_controlnet(repo_id: str, half: bool) -> Path:
+    """config.json and the weights: the `.fp16` file in half precision where the repo has one, else the float32 one."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        for suffix in [".fp16.safetensors"] * half + [".safetensors"]:
+            folder = Path(snapshot_download(repo_id, allow_patterns=["config.json", CONTROLNET_WEIGHTS + suffix]))
+            if (folder / (CONTROLNET_WEIGHTS + suffix)).is_file():
+                break
+        return folder
+    except LocalEntryNotFoundError:
+        raise WeightsError(f"cannot download ControlNet {repo_id}: no network connection and no cached copy") from None
+    except RepositoryNotFoundError:
+        raise WeightsError(f"hub repo {repo_id} not found (or gated); check the ControlNet's name") from None
+    except (HfHubHTTPError, OSError) as e:
+        raise WeightsError(f"download of {repo_id} failed ({type(e).__name__}: {e}); pass a local folder") from None
 
 
 # ----------------------------------------------------------------------------- the model

@@ -261,7 +261,10 @@ class Level(nn.Module):
 # ----------------------------------------------------------------------------- the UNet
 
 
-class UNet(nn.Module):
+class UNetEncoder(nn.Module):
+    """The UNet's first half: the timestep embedding, `conv_in`, the down path and the mid block. `UNet` adds the up
+    path; a ControlNet (models/controlnet.py) is a trainable copy of this half (Zhang et al. 2023, arXiv:2302.05543)."""
+
     def __init__(self, cfg: UNetConfig):
         super().__init__()
         self.config = cfg
@@ -272,33 +275,19 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(cfg.in_channels, c0, 3, padding=1)
 
         # Down path. `skip_channels` follows the widths of the skips the forward will push, so that each up-path
-        # ResNet knows the width of the skip it concatenates.
+        # ResNet knows the width of the skip it concatenates (and each ControlNet zero conv the width of its skip).
         self.down_blocks = nn.ModuleList()
-        skip_channels, c = [c0], c0
+        self.skip_channels, c = [c0], c0
         for i, (out, block_type) in enumerate(zip(cfg.block_out_channels, cfg.down_block_types, strict=True)):
             level = Level(cfg, [c] + [out] * (n - 1), out, n if _with_attention(block_type) else 0)
-            skip_channels += [out] * n
+            self.skip_channels += [out] * n
             if i < len(cfg.block_out_channels) - 1:  # all but the lowest level end by halving H and W
                 level.downsamplers = nn.ModuleList([Downsample(out, cfg.downsample_padding)])
-                skip_channels.append(out)
+                self.skip_channels.append(out)
             self.down_blocks.append(level)
             c = out
 
         self.mid_block = Level(cfg, [c, c], c, transformers=1)
-
-        # Up path: n + 1 ResNets per level, one per skip popped: its down level's n ResNet outputs, then the output of
-        # the downsampler (or conv_in) that entered that level.
-        self.up_blocks = nn.ModuleList()
-        for i, (out, block_type) in enumerate(zip(reversed(cfg.block_out_channels), cfg.up_block_types, strict=True)):
-            resnet_in = [prev + skip_channels.pop() for prev in [c] + [out] * n]
-            level = Level(cfg, resnet_in, out, n + 1 if _with_attention(block_type) else 0)
-            if i < len(cfg.block_out_channels) - 1:  # all but the top level end by doubling H and W
-                level.upsamplers = nn.ModuleList([Upsample(out)])
-            self.up_blocks.append(level)
-            c = out
-
-        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, c0, eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(c0, cfg.out_channels, 3, padding=1)
 
     def timestep_embedding(self, t: Tensor) -> Tensor:
         """(B,) timesteps, possibly fractional -> (B, C0) sinusoids [cos(t f_k), sin(t f_k)], f_k = 10000^(-k/half)
@@ -311,16 +300,16 @@ class UNet(nn.Module):
         sin_cos = (args.cos(), args.sin()) if self.config.flip_sin_to_cos else (args.sin(), args.cos())
         return torch.cat(sin_cos, dim=-1)  # (B, half) -> (B, C0)
 
-    def forward(self, latents: Tensor, timestep: Tensor | float, context: Tensor) -> Tensor:
-        """Predict the noise in `latents` (B, 4, H, W) at `timestep` (a number, a 0-dim tensor, or one per sample
-        (B,)), conditioned on the text states `context` (B, L, D). Pass timesteps as tensors under torch.compile:
-        a Python number is a constant there, and each new value would recompile."""
+    def embed_time(self, timestep: Tensor | float, latents: Tensor) -> Tensor:
+        """A number, a 0-dim tensor or one timestep per sample -> the (B, 4 C0) embedding every ResNet adds."""
         t = torch.as_tensor(timestep, device=latents.device).reshape(-1).expand(latents.shape[0])  # -> (B,)
         # The sinusoid is made in float32 and then cast to the model's dtype, as Diffusers does.
         temb = self.timestep_embedding(t).to(latents.dtype)
-        temb = self.time_embedding.linear_2(F.silu(self.time_embedding.linear_1(temb)))  # (B, C0) -> (B, 4 C0)
+        return self.time_embedding.linear_2(F.silu(self.time_embedding.linear_1(temb)))  # (B, C0) -> (B, 4 C0)
 
-        x = self.conv_in(latents)  # (B, 4, H, W) -> (B, C0, H, W)
+    def encode(self, x: Tensor, temb: Tensor, context: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The down path and the mid block from `conv_in`'s output x: the mid block's output and the skips, the
+        activations the up path concatenates (conv_in's, each ResNet's or transformer's, each downsampler's)."""
         skips = [x]
         for level in self.down_blocks:
             for j, resnet in enumerate(level.resnets):
@@ -335,6 +324,40 @@ class UNet(nn.Module):
         x = self.mid_block.resnets[0](x, temb)
         x = self.mid_block.attentions[0](x, context)
         x = self.mid_block.resnets[1](x, temb)
+        return x, skips
+
+
+class UNet(UNetEncoder):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__(cfg)
+        c0, n, c = cfg.block_out_channels[0], cfg.layers_per_block, cfg.block_out_channels[-1]
+
+        # Up path: n + 1 ResNets per level, one per skip popped: its down level's n ResNet outputs, then the output of
+        # the downsampler (or conv_in) that entered that level.
+        self.up_blocks = nn.ModuleList()
+        skip_channels = list(self.skip_channels)
+        for i, (out, block_type) in enumerate(zip(reversed(cfg.block_out_channels), cfg.up_block_types, strict=True)):
+            resnet_in = [prev + skip_channels.pop() for prev in [c] + [out] * n]
+            level = Level(cfg, resnet_in, out, n + 1 if _with_attention(block_type) else 0)
+            if i < len(cfg.block_out_channels) - 1:  # all but the top level end by doubling H and W
+                level.upsamplers = nn.ModuleList([Upsample(out)])
+            self.up_blocks.append(level)
+            c = out
+
+        self.conv_norm_out = nn.GroupNorm(cfg.norm_num_groups, c0, eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(c0, cfg.out_channels, 3, padding=1)
+
+    def forward(self, latents: Tensor, timestep: Tensor | float, context: Tensor,
+                down_residuals: list[Tensor] | None = None, mid_residual: Tensor | None = None) -> Tensor:  # fmt: skip
+        """Predict the noise in `latents` (B, 4, H, W) at `timestep` (a number, a 0-dim tensor, or one per sample
+        (B,)), conditioned on the text states `context` (B, L, D). Pass timesteps as tensors under torch.compile:
+        a Python number is a constant there, and each new value would recompile. `down_residuals` (one per skip) and
+        `mid_residual`: what ControlNets add (models/controlnet.py), or None."""
+        temb = self.embed_time(timestep, latents)
+        x, skips = self.encode(self.conv_in(latents), temb, context)  # (B, 4, H, W) -> (B, C0, H, W) -> ...
+        if down_residuals is not None:  # ControlNet: its zero convs' outputs join the locked UNet where the skips
+            skips = [s + r for s, r in zip(skips, down_residuals, strict=True)]  # leave for the up path and after
+            x = x + mid_residual  # the middle block (Zhang et al. 2023, arXiv:2302.05543, Sec. 3.2, Fig. 3)
 
         for level in self.up_blocks:
             for j, resnet in enumerate(level.resnets):
