@@ -235,7 +235,7 @@ def read_weights(path: Path, dtype, device) -> dict[str, torch.Tensor]:
             os.replace(tmp.name, copy)
         finally:
             Path(tmp.name).unlink(missing_ok=True)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:  # a full disk surfaces as either
         warnings.warn(f"cannot keep a {name} copy of {path} in {folder} ({e}): converting it at each load, and "
                       f"its weights stay in memory (set {CACHE_ENV} to a writable folder)", stacklevel=4)  # fmt: skip
         return state
