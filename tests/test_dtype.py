@@ -121,3 +121,33 @@ def test_an_unwritable_cache_converts_in_memory_with_a_warning(tiny_model_dir, t
         pipe = load_pipeline(str(tiny_model_dir), device="cpu", dtype=torch.bfloat16)
     assert pipe.unet.conv_in.weight.dtype == torch.bfloat16
     assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN (mkldnn) is not in this PyTorch")
+def test_prepacked_convolutions_give_the_plain_convolutions_bits(tiny_model_dir):
+    """load_pipeline packs the bf16 UNet's conv weights for oneDNN once (resources.prepack_convolutions): the same
+    output bit for bit; a weight replaced by another tensor (as a LoRA merge does) is packed again; release_pages
+    drops the packed copies and the next call makes them again."""
+    pipe = load_pipeline(str(tiny_model_dir), device="cpu", dtype=torch.bfloat16)
+    convs = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(isinstance(m.__dict__.get("forward"), resources.PackedConv) for m in convs)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 12, 20, generator=g).bfloat16()
+    context = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g).bfloat16()
+
+    def call(packed: bool) -> torch.Tensor:
+        saved = {m: m.__dict__.pop("forward") for m in convs} if not packed else {}
+        with torch.inference_mode():
+            out = pipe.unet(x, torch.tensor(500.0), context)
+        for m, forward in saved.items():
+            m.forward = forward
+        return out
+
+    torch.testing.assert_close(call(True), call(False), atol=0, rtol=0)
+    assert all(m.forward.packed is not None for m in convs)
+    conv = pipe.unet.conv_in
+    conv.weight.data = (conv.weight.float() * 1.5).bfloat16().contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(call(True), call(False), atol=0, rtol=0)
+    resources.release_pages(pipe.unet)
+    assert all(m.forward.packed is None for m in convs)
+    torch.testing.assert_close(call(True), call(False), atol=0, rtol=0)
