@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import re
 import sys
 import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
+from models.loading import release_tensors, trim_heap  # noqa: F401 - trim_heap: for min_pipeline
 from settings import UserError
 
 MAX_STEP_SECONDS = 3600  # a longer UNet step cannot be interrupted (Ctrl-C waits for the kernel) nor, in practice, end
@@ -167,36 +166,64 @@ def tune_malloc() -> None:
         mallopt(-2, 1 << 30)  # grow the heap 1 GiB at a time
 
 
-def trim_heap() -> None:
-    """Hand the free memory at the top of glibc's heap back to the kernel (malloc_trim(0)): after tune_malloc the
-    UNet's freed activations stay there, and the VAE decode's large buffers (mmap'ed, over 32 MiB) would come on top;
-    -0.5 GB peak RSS at 512x512 (bench/README.md). A no-op without glibc."""
-    if sys.platform.startswith("linux"):
-        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
-        if trim is not None:
-            trim(0)
-
-
 def release_pages(module: nn.Module) -> None:
-    """Take `module`'s memory-mapped weights out of this process's resident memory until they are next read.
+    """Take `module`'s memory-mapped weights out of this process's resident memory until they are next read
+    (models.loading.release_tensors, which explains how).
 
     The safetensors tensors are views of a private mapping of the file: reading them faults its pages in, and they
-    count in the process's RSS from then on. madvise(MADV_DONTNEED) unmaps them; the kernel keeps them in its page
-    cache, so the next read maps them back from memory, not from the disk. generate() calls this on the CPU for a
-    network it is done with (the text encoder before the loop, the UNet before the VAE decode): the peak RSS of a
-    run is then the UNet's weights and activations, not all the weights plus the decode (bench/README.md).
-    A tensor is released only if none of its pages is anonymous (ordinary memory, or a mapped page written to in
-    place: MADV_DONTNEED would throw that private copy away) or swapped out, as /proc/self/pagemap tells (a 64-bit
-    entry per page, bits 63/62/61: present/swapped/file page; Linux's Documentation/admin-guide/mm/pagemap.rst).
-    Converted, LoRA-merged or GPU tensors are therefore never touched; a no-op where pagemap cannot be read."""
-    if not sys.platform.startswith("linux") or not os.access("/proc/self/pagemap", os.R_OK):
-        return  # not Linux, or no /proc (some sandboxes)
-    page, libc = os.sysconf("SC_PAGE_SIZE"), ctypes.CDLL(None)
-    storages = [t.untyped_storage() for t in [*module.parameters(), *module.buffers()] if t.device.type == "cpu"]
-    with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
-        for begin, end in {(s.data_ptr(), s.data_ptr() + s.nbytes()) for s in storages if s.nbytes()}:
-            first, last = begin // page, -(-end // page)  # the whole pages the tensor touches
-            entries = os.pread(pagemap.fileno(), 8 * (last - first), 8 * first)
-            flags = np.frombuffer(entries, dtype=np.uint64) >> np.uint64(61)
-            if ((flags == 0b101) | (flags <= 0b001)).all():  # each page a present file page, or not in memory
-                libc.madvise(ctypes.c_void_p(first * page), ctypes.c_size_t((last - first) * page), 4)  # DONTNEED
+    count in the process's RSS from then on. generate() calls this on the CPU for a network it is done with (the text
+    encoder before the loop, the UNet before the VAE decode): the peak RSS of a run is then the UNet's weights and
+    activations, not all the weights plus the decode (bench/README.md). bf16 runs map a converted copy of the files
+    (models.loading.read_weights) so that this works for them too. LoRA-merged or GPU tensors are never touched.
+    Prepacked convolution weights (prepack_convolutions) are dropped; the next call packs them again."""
+    release_tensors([*module.parameters(), *module.buffers()])
+    packs = [m.forward for m in module.modules() if isinstance(m.__dict__.get("forward"), PackedConv)]
+    for pack in packs:
+        pack.key = pack.packed = None
+    if packs:
+        trim_heap()  # their memory back to the system
+
+
+# ----------------------------------------------------------------------------- oneDNN convolutions (CPU, bfloat16)
+
+
+def prepack_convolutions(module: nn.Module) -> None:
+    """Run `module`'s bfloat16 convolutions on the CPU with their weights in oneDNN's blocked layout, made once per
+    weight and input shape instead of at every call (what eager PyTorch does, and what inductor's freezing saves).
+
+    A UNet step's convolutions read 1.7 GB of weights per call at batch 2; at the low levels (8x8, 16x16 latents) the
+    per-call reorder of a 1280-channel 3x3 weight costs more than the convolution itself: 21 -> 6 ms at 8x8, and the
+    bf16 UNet call 0.77x in CPU seconds (bench/README.md), bit for bit the same output (the same oneDNN kernel runs;
+    only the weight's reorder moves out of the call). The reordered copy is ordinary memory; the original, a page of
+    the mapped bf16 copy (models.loading.read_weights), is released from RSS once packed, so the resident weights
+    stay about the same. A weight replaced by another tensor (a LoRA merge) or a new input shape packs anew; a
+    weight changed in place is not seen (nothing in minsd does that). Elsewhere (float32, autograd, torch.compile
+    tracing, other devices) the convolution runs as usual. A no-op where this PyTorch lacks the oneDNN ops."""
+    if not (
+        hasattr(torch.ops.mkldnn, "_convolution_pointwise") and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight")
+    ):
+        return
+    for conv in module.modules():
+        if isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
+            conv.forward = PackedConv(conv)
+
+
+class PackedConv:
+    """`conv`'s forward with a prepacked weight (prepack_convolutions)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        self.conv, self.key, self.packed = conv, None, None
+        self.args = [list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        c, w = self.conv, self.conv.weight
+        if (torch.compiler.is_compiling() or torch.is_grad_enabled() or x.device.type != "cpu" or x.ndim != 4
+                or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16):  # fmt: skip
+            return c._conv_forward(x, w, c.bias)
+        key = (w.data_ptr(), tuple(w.shape), tuple(x.shape))
+        if key != self.key:
+            self.packed = None  # the old copy freed before the new one is made
+            self.packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), *self.args, list(x.shape))
+            self.key = key
+            release_tensors([w])
+        return torch.ops.mkldnn._convolution_pointwise(x, self.packed, c.bias, *self.args, "none", [], "")

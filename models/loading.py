@@ -11,16 +11,23 @@ Pickled checkpoints (`.bin`, `.ckpt`, `.pt`) are never read: unpickling can run 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import hashlib
 import json
 import os
 import re
+import shutil
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import NamedTuple, TypeVar
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import nn
 
 from models import ldm
@@ -117,9 +124,137 @@ def build(
                 f"{tuple(ref.shape)} (config.json and weights do not belong together)"
             )
     if dtype is not None or device is not None:
-        state = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else None) for k, v in state.items()}
+        state = convert(state, dtype, device)
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def convert(state: dict[str, torch.Tensor], dtype, device) -> dict[str, torch.Tensor]:
+    """`state`'s floating tensors in `dtype` on `device`, one tensor at a time, each memory-mapped source tensor's
+    pages dropped from RSS (resources.release_tensors) as soon as its copy exists: the peak of a bf16 load from a
+    float32 file is the bf16 weights (2.0 GB for SD 1.5), not those plus the float32 file's pages (5.8 GB before:
+    bench/README.md). bfloat16 convolution weights on the CPU come out channels_last at once, the layout
+    load_pipeline gives them for oneDNN's AMX kernels, so no second copy is made there."""
+    out, cpu = {}, device is None or torch.device(device).type == "cpu"
+    for k, v in state.items():
+        nhwc = v.ndim == 4 and dtype == torch.bfloat16 and cpu
+        fmt = torch.channels_last if nhwc else torch.preserve_format
+        out[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else None, memory_format=fmt)
+        if out[k].untyped_storage().data_ptr() != v.untyped_storage().data_ptr():
+            release_tensors([v])
+    return out
+
+
+# ----------------------------------------------------------------------------- mapped pages and the heap (CPU)
+
+
+def trim_heap() -> None:
+    """Hand the free memory at the top of glibc's heap back to the kernel (malloc_trim(0)): after tune_malloc the
+    UNet's freed activations stay there, and the VAE decode's large buffers (mmap'ed, over 32 MiB) would come on top;
+    -0.5 GB peak RSS at 512x512 (bench/README.md). Also called once a converted copy of weights is written. A no-op
+    without glibc."""
+    if sys.platform.startswith("linux"):
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+        if trim is not None:
+            trim(0)
+
+
+def release_tensors(tensors: list[torch.Tensor]) -> None:
+    """Take the memory-mapped `tensors` out of this process's resident memory until they are next read: for each CPU
+    tensor, madvise(MADV_DONTNEED) on its whole pages if every one is a file page or not in memory, as
+    /proc/self/pagemap tells (a 64-bit entry per page, bits 63/62/61: present/swapped/file page; Linux's
+    Documentation/admin-guide/mm/pagemap.rst). The kernel keeps the pages in its page cache, so a later read maps
+    them back from memory. Anonymous pages (ordinary memory, or a mapped page written to: DONTNEED would throw that
+    private copy away) and swapped ones are never touched; a no-op where pagemap cannot be read.
+    Callers: convert() on each source tensor right after its copy is made, resources.release_pages on a network."""
+    if not sys.platform.startswith("linux") or not os.access("/proc/self/pagemap", os.R_OK):
+        return  # not Linux, or no /proc (some sandboxes)
+    page, libc = os.sysconf("SC_PAGE_SIZE"), ctypes.CDLL(None)
+    storages = [t.untyped_storage() for t in tensors if t.device.type == "cpu"]
+    with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+        for begin, end in {(s.data_ptr(), s.data_ptr() + s.nbytes()) for s in storages if s.nbytes()}:
+            first, last = begin // page, -(-end // page)  # the whole pages the tensor touches
+            entries = os.pread(pagemap.fileno(), 8 * (last - first), 8 * first)
+            flags = np.frombuffer(entries, dtype=np.uint64) >> np.uint64(61)
+            if ((flags == 0b101) | (flags <= 0b001)).all():  # each page a present file page, or not in memory
+                libc.madvise(ctypes.c_void_p(first * page), ctypes.c_size_t((last - first) * page), 4)  # DONTNEED
+
+
+# ----------------------------------------------------------------------------- converted copies (CPU)
+
+CACHE_ENV = "MINSD_CACHE"  # where converted weights are kept; "off": never written, converted at each load
+HALF_NAMES = {torch.bfloat16: "BF16", torch.float16: "F16"}  # safetensors' names of the dtypes a copy is made in
+
+
+def cache_folder() -> Path | None:
+    value = os.environ.get(CACHE_ENV, "")
+    if value == "off":
+        return None
+    return Path(value or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "minsd")
+
+
+def read_weights(path: Path, dtype, device) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, for a run in `dtype` on `device`: the file itself (memory-mapped), or, when the
+    CPU runs it in another floating dtype (bf16 from a float32 file), a converted copy kept in cache_folder().
+
+    Why a file and not converted tensors in memory: generate() takes a network's weights out of RSS while it is not
+    needed (resources.release_pages: the text encoder during the loop, the UNet during the decode), which works for
+    file pages only. With the bf16 UNet in ordinary memory, a 512x512 bf16 run peaked at 3.56 GB (bf16 weights +
+    1.5 GB, the decode on top of all the weights); with the copy, at the UNet's weights plus its activations
+    (bench/README.md). The copy is written once per source file (its path, size and modification time name it;
+    about half the float32 size), atomically, 4-D weights in the channels_last order load_pipeline wants; a later
+    load only maps it. If it cannot be written (read-only, full disk), the tensors are converted in memory."""
+    path, folder = Path(path), cache_folder()
+    cpu = device is None or torch.device(device).type == "cpu"
+    if folder is None or dtype not in HALF_NAMES or not cpu:  # float32 runs (the reference) read the file itself
+        return load_safetensors(path)
+    try:
+        stat = path.resolve().stat()
+        with safe_open(path, framework="pt") as f:  # the header only: which dtypes the file holds
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+    except (SafetensorError, OSError, ValueError):
+        return load_safetensors(path)  # raises the explanation
+    name = str(dtype).removeprefix("torch.")
+    if dtypes - {"I64"} <= {HALF_NAMES[dtype]} or not dtypes <= {"F32", "F16", "BF16", "I64"}:
+        return load_safetensors(path)  # already in dtype, or a dtype build() refuses with the explanation
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{name}".encode()).hexdigest()[:16]
+    copy = folder / f"{path.stem}-{name}-{key}.safetensors"
+    if copy.is_file():
+        try:
+            return channels_last_views(load_safetensors(copy), copy)
+        except WeightsError:
+            pass  # a damaged copy: written again below
+    state = convert(load_safetensors(path), dtype, device)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if shutil.disk_usage(folder).free < 2 * sum(t.nbytes for t in state.values()):
+            raise OSError(f"less than twice its size free in {folder}")
+        nhwc = [k for k, t in state.items() if t.ndim == 4 and t.is_contiguous(memory_format=torch.channels_last)]
+        flat = {k: t.permute(0, 2, 3, 1) if k in nhwc else t for k, t in state.items()}  # NHWC order: contiguous
+        with tempfile.NamedTemporaryFile(dir=folder, suffix=".partial", delete=False) as tmp:
+            pass
+        try:
+            save_file(flat, tmp.name, {"source": str(path), "nhwc": ",".join(nhwc)})
+            os.replace(tmp.name, copy)
+        finally:
+            Path(tmp.name).unlink(missing_ok=True)
+    except (OSError, SafetensorError) as e:  # a full disk surfaces as either
+        warnings.warn(f"cannot keep a {name} copy of {path} in {folder} ({e}): converting it at each load, and "
+                      f"its weights stay in memory (set {CACHE_ENV} to a writable folder)", stacklevel=4)  # fmt: skip
+        return state
+    del state, flat
+    trim_heap()  # the converted tensors' memory back to the system: the copy's pages replace it
+    return channels_last_views(load_safetensors(copy), copy)
+
+
+def channels_last_views(state: dict[str, torch.Tensor], path: Path) -> dict[str, torch.Tensor]:
+    """A converted copy's tensors as they were written: the 4-D ones named in its `nhwc` metadata are stored in
+    (O, H, W, I) order and come back as channels_last (O, I, H, W) views of the mapped file."""
+    with safe_open(path, framework="pt") as f:
+        nhwc = [k for k in (f.metadata() or {}).get("nhwc", "").split(",") if k]
+    if any(k not in state or state[k].ndim != 4 for k in nhwc):
+        raise WeightsError(f"{path}: damaged converted copy")
+    return {k: t.permute(0, 3, 1, 2) if k in nhwc else t for k, t in state.items()}
 
 
 # ----------------------------------------------------------------------------- model folders
@@ -234,7 +369,7 @@ def read_network_configs(config_dir: Path | None) -> tuple[CLIPTextConfig, UNetC
 
 def _component(folder: Path, name: str, config: object, dtype, device) -> nn.Module:
     path = weights_file(folder, name, half=dtype == torch.float16)
-    return build(LAYOUT[name][2], config, ldm.fix_keys(load_safetensors(path)), str(path), dtype, device)
+    return build(LAYOUT[name][2], config, ldm.fix_keys(read_weights(path, dtype, device)), str(path), dtype, device)
 
 
 def load_component(
@@ -247,7 +382,7 @@ def load_component(
 
 
 def _single_file(path: Path, configs: tuple, dtype, device) -> tuple[CLIPTextModel, UNet, AutoencoderKL]:
-    state = load_safetensors(path)  # refuses pickles (.ckpt, ...): they can run code when loaded
+    state = read_weights(path, dtype, device)  # refuses pickles (.ckpt, ...): they can run code when loaded
     conv_in, c = state.get(f"{ldm.UNET}input_blocks.0.0.weight"), configs[2].latent_channels
     if configs[1].in_channels == c and conv_in is not None and conv_in.ndim == 4 and conv_in.shape[1] == 2 * c + 1:
         # sd-v1-5-inpainting.safetensors: the UNet sees the mask and the masked image's latents too, and only this

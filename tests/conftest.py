@@ -254,6 +254,15 @@ def run_both(ours, ref, prompt, negative_prompt="", *, init_image=None, referenc
     return got, ref(**text, **kwargs).images
 
 
+@pytest.fixture(scope="session", autouse=True)
+def converted_weights_in_tmp(tmp_path_factory):
+    """bfloat16 runs on the CPU keep a converted copy of the weights (models.loading.read_weights): in a temporary
+    folder, never in the user's cache (subprocesses inherit it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINSD_CACHE", str(tmp_path_factory.mktemp("minsd-cache")))
+        yield
+
+
 @pytest.fixture(autouse=True)
 def float32_by_default(monkeypatch):
     """The suite's references are float32: in-process, --dtype auto and load_pipeline(dtype=None) pick float32 on

@@ -8,6 +8,8 @@ not to round-off: one UNet call relative to the output's scale, and whole images
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,7 @@ import torch
 import resources
 from cli.main import main
 from conftest import max_diff, run_both
-from min_pipeline import load_pipeline
+from min_pipeline import generate, load_pipeline
 
 
 @pytest.mark.parametrize("amx,want", [(True, torch.bfloat16), (False, torch.float32)])
@@ -69,3 +71,83 @@ def test_bfloat16_images_close_to_diffusers_bfloat16(bf16_pair):
     got, want = run_both(ours, ref, "a red fox in snow", "blurry", steps=4, height=24, width=40, seed=3)
     diff = np.abs(got.astype(np.float64) - want.astype(np.float64)) * 255
     assert diff.mean() < 2.0 and diff.max() < 16, (diff.mean(), diff.max())
+
+
+def page_flags(t: torch.Tensor) -> np.ndarray:
+    """/proc/self/pagemap's top 3 bits (present, swapped, file page) for each page of `t`'s storage."""
+    page, s = 4096, t.untyped_storage()
+    first, last = s.data_ptr() // page, -(-(s.data_ptr() + s.nbytes()) // page)
+    with open("/proc/self/pagemap", "rb", buffering=0) as f:
+        entries = os.pread(f.fileno(), 8 * (last - first), 8 * first)
+    return np.frombuffer(entries, dtype=np.uint64) >> np.uint64(61)
+
+
+@pytest.mark.skipif(not os.access("/proc/self/pagemap", os.R_OK), reason="needs Linux's /proc/self/pagemap")
+def test_bfloat16_weights_come_from_a_converted_copy_that_leaves_rss(tiny_model_dir, tmp_path, monkeypatch):
+    """bf16 from float32 files: the first load writes a bf16 copy per file, later loads map it. The weights are then
+    file pages (release_pages takes them out of RSS, as for float32: the peak of a 512x512 bf16 run fell from 3.56
+    to 2.52 GB, bench/README.md), equal bit for bit to converting in memory (MINSD_CACHE=off), conv weights
+    channels_last, and the images are the same."""
+    monkeypatch.setenv("MINSD_CACHE", "off")
+    plain = load_pipeline(str(tiny_model_dir), device="cpu", dtype=torch.bfloat16)
+    monkeypatch.setenv("MINSD_CACHE", str(tmp_path / "cache"))
+    first = load_pipeline(str(tiny_model_dir), device="cpu", dtype=torch.bfloat16)
+    copies = sorted((tmp_path / "cache").iterdir())
+    assert [p.name.split("-")[:2] for p in copies] == [["diffusion_pytorch_model", "bfloat16"]] * 2 + [
+        ["model", "bfloat16"]
+    ]
+    stamps = [p.stat().st_mtime_ns for p in copies]
+    second = load_pipeline(str(tiny_model_dir), device="cpu", dtype=torch.bfloat16)
+    assert [p.stat().st_mtime_ns for p in sorted((tmp_path / "cache").iterdir())] == stamps  # mapped, not rewritten
+    for net in ("text_encoder", "unet", "vae"):
+        want = getattr(plain, net).state_dict()
+        for pipe in (first, second):
+            got = getattr(pipe, net).state_dict()
+            assert all(torch.equal(got[k], want[k]) and got[k].stride() == want[k].stride() for k in want), net
+    assert second.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    kwargs = dict(steps=2, height=24, width=40, seed=3, progress=False, output_type="np")
+    images = [generate(p, "a red fox", "blurry", **kwargs) for p in (plain, first, second)]
+    assert np.array_equal(images[0], images[1]) and np.array_equal(images[0], images[2])
+    params = list(second.unet.parameters())
+    resources.release_pages(second.unet)  # after generate() read every weight
+    assert all(((page_flags(p) == 0b101) | (page_flags(p) <= 0b001)).all() for p in params)  # file pages only
+    assert all((page_flags(p) >> np.uint64(2) == 0).all() for p in params)  # and none left in RSS
+
+
+def test_an_unwritable_cache_converts_in_memory_with_a_warning(tiny_model_dir, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("MINSD_CACHE", str(tmp_path / "file"))  # not a folder: mkdir fails
+    with pytest.warns(UserWarning, match="cannot keep a bfloat16 copy of .* converting it at each load"):
+        pipe = load_pipeline(str(tiny_model_dir), device="cpu", dtype=torch.bfloat16)
+    assert pipe.unet.conv_in.weight.dtype == torch.bfloat16
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN (mkldnn) is not in this PyTorch")
+def test_prepacked_convolutions_give_the_plain_convolutions_bits(tiny_model_dir):
+    """load_pipeline packs the bf16 UNet's conv weights for oneDNN once (resources.prepack_convolutions): the same
+    output bit for bit; a weight replaced by another tensor (as a LoRA merge does) is packed again; release_pages
+    drops the packed copies and the next call makes them again."""
+    pipe = load_pipeline(str(tiny_model_dir), device="cpu", dtype=torch.bfloat16)
+    convs = [m for m in pipe.unet.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(isinstance(m.__dict__.get("forward"), resources.PackedConv) for m in convs)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 12, 20, generator=g).bfloat16()
+    context = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g).bfloat16()
+
+    def call(packed: bool) -> torch.Tensor:
+        saved = {m: m.__dict__.pop("forward") for m in convs} if not packed else {}
+        with torch.inference_mode():
+            out = pipe.unet(x, torch.tensor(500.0), context)
+        for m, forward in saved.items():
+            m.forward = forward
+        return out
+
+    torch.testing.assert_close(call(True), call(False), atol=0, rtol=0)
+    assert all(m.forward.packed is not None for m in convs)
+    conv = pipe.unet.conv_in
+    conv.weight.data = (conv.weight.float() * 1.5).bfloat16().contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(call(True), call(False), atol=0, rtol=0)
+    resources.release_pages(pipe.unet)
+    assert all(m.forward.packed is None for m in convs)
+    torch.testing.assert_close(call(True), call(False), atol=0, rtol=0)
