@@ -14,8 +14,21 @@ from PIL import Image
 from torch import Tensor
 
 from images import open_image
+from models import loading
 from models.controlnet import ControlNet, fit_problem
+from resources import pick_device, resolve_dtype
 from settings import UserError, as_type
+
+
+def load_controlnet(model: str, device: str | torch.device | None = None,
+                    dtype: str | torch.dtype | None = None) -> ControlNet:  # fmt: skip
+    """A ControlNet for generate(controlnet=...) from a Diffusers-layout folder, a hub repo id
+    (`lllyasviel/control_v11p_sd15_canny`) or an A1111 single file (`control_v11p_sd15_canny.safetensors`). Give it
+    the pipeline's device and dtype; the defaults choose as load_pipeline's do."""
+    dev = pick_device(str(device) if device is not None else None)
+    dtype = resolve_dtype(dtype, dev)
+    net = loading.load_controlnet(model, dtype, dev)
+    return net.to(memory_format=torch.channels_last) if dev.type == "cpu" and dtype == torch.bfloat16 else net
 
 
 def control_image_to_tensor(image: Image.Image | str, width: int, height: int) -> Tensor:

@@ -31,9 +31,8 @@ from tqdm import tqdm
 
 import hires
 import scheduler as sampling
-from controls import Controls
+from controls import Controls, load_controlnet  # noqa: F401 - load_controlnet: part of this module's API
 from images import Inpainting, image_to_tensor
-from models import loading
 from models.clip import CLIPTextModel
 from models.controlnet import ControlNet
 from models.loading import DEFAULT_MODEL, WeightsError, load_model, load_vae
@@ -41,13 +40,20 @@ from models.taesd import TinyAutoencoder
 from models.unet import UNet
 from models.vae import AutoencoderKL, sample_latent
 from prompts import conditioning
-from resources import auto_dtype, check_cost, choose_tiling, pick_device, prepack_convolutions, release_pages, trim_heap
-from settings import NonFiniteError, Settings, UserError
+from resources import (
+    DTYPES,
+    check_cost,
+    choose_tiling,
+    pick_device,
+    prepack_convolutions,
+    release_pages,
+    resolve_dtype,
+    trim_heap,
+)
+from settings import NonFiniteError, Settings, UserError, check_inputs
 from tokenizer import CLIPTokenizer
-from tokenizer.prompt_syntax import LORA_TAG
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+__all__ = ["DTYPES", "generate", "load_controlnet", "load_pipeline"]  # and the algorithm's steps below
 
 
 @dataclass
@@ -79,19 +85,8 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: str | torch.device | None 
     `vae`: another VAE in place of the model's (models.loading.load_vae: a Diffusers AutoencoderKL or TAESD folder or
     hub repo, an LDM VAE file, TAESD's original files).
     """
-    dtype = None if dtype == "auto" else dtype
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        dtype = DTYPES[dtype]
-    if dtype is not None and dtype not in DTYPES.values():
-        raise TypeError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     dev = pick_device(str(device) if device is not None else None)
-    dtype = dtype or auto_dtype(dev)[0]
-    if dev.type == "cpu" and dtype == torch.bfloat16 and "AVX512" not in torch.backends.cpu.get_cpu_capability():
-        warnings.warn("bfloat16 on a CPU without AVX-512 is very slow; use --dtype float32", stacklevel=2)
-    if dev.type == "cpu" and dtype == torch.float16:
-        warnings.warn("float16 on a CPU is about 27x slower than float32; use --dtype float32", stacklevel=2)
+    dtype = resolve_dtype(dtype, dev)
     m = load_model(model, dtype, dev, config)
     if vae is not None:  # a VAE of its own (a fine-tuned one, or TAESD): it must speak the UNet's latents
         m = m._replace(vae=load_vae(vae, dtype, dev, m.vae.config))
@@ -102,19 +97,6 @@ def load_pipeline(model: str = DEFAULT_MODEL, device: str | torch.device | None 
         m.unet.to(memory_format=torch.channels_last), m.vae.to(memory_format=torch.channels_last)  # (bench/README.md)
         prepack_convolutions(m.unet)  # its conv weights reordered for oneDNN once, not per call: UNet 0.77-0.92x
     return Pipeline(m.tokenizer, m.text_encoder, m.unet, m.vae, m.scheduler_config, dev, dtype, vae_dtype=dtype)
-
-
-def load_controlnet(model: str, device: str | torch.device | None = None,
-                    dtype: str | torch.dtype | None = None) -> ControlNet:  # fmt: skip
-    """A ControlNet for generate(controlnet=...) from a Diffusers-layout folder, a hub repo id
-    (`lllyasviel/control_v11p_sd15_canny`) or an A1111 single file (`control_v11p_sd15_canny.safetensors`). Give it
-    the pipeline's device and dtype; the defaults choose as load_pipeline's do."""
-    if isinstance(dtype, str) and dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    dev = pick_device(str(device) if device is not None else None)
-    dtype = (DTYPES.get(dtype) if isinstance(dtype, str) else dtype) or auto_dtype(dev)[0]
-    net = loading.load_controlnet(model, dtype, dev)
-    return net.to(memory_format=torch.channels_last) if dev.type == "cpu" and dtype == torch.bfloat16 else net
 
 
 # ----------------------------------------------------------------------------- 1. prompts -> context
@@ -337,32 +319,6 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
             release_pages(control.net)
     images = torch.cat([decode(pipe, x[i : i + 1], tiled) for i in range(n)])
     return to_output(inpaint.paste_back(images) if inpaint else images, output_type)
-
-
-def check_inputs(prompt: object, negative_prompt: object, init_image: object, mask_image: object, output_type: str,
-                 prompt_syntax: str) -> tuple[list[str], list[str]]:  # fmt: skip
-    """generate()'s arguments other than the settings, checked; returns the prompts and one negative prompt each, as
-    lists of strings. <lora:...> tags are the CLI's to apply."""
-    for name, image in (("init_image", init_image), ("mask_image", mask_image)):
-        if image is not None and not isinstance(image, Image.Image | str | Path):
-            raise TypeError(f"{name} must be a PIL image or a file path, got {type(image).__name__}")
-    if output_type not in OUTPUT_TYPES:
-        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
-    if prompt_syntax not in ("a1111", "plain"):
-        raise ValueError(f"prompt_syntax must be 'a1111' or 'plain', got {prompt_syntax!r}")
-    out = []
-    for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
-        items = [value] if isinstance(value, str) else value
-        if not isinstance(items, list | tuple) or not items or not all(isinstance(p, str) for p in items):
-            raise TypeError(f"{name} must be a string or a non-empty list of strings, got {value!r:.60}")
-        out.append(list(items))
-    prompts, negatives = out[0], out[1] * len(out[0]) if isinstance(negative_prompt, str) else out[1]
-    if len(negatives) != len(prompts):
-        raise UserError(f"got {len(prompts)} prompts and {len(negatives)} negative prompts; give one, or one each")
-    if any(LORA_TAG.search(p) for p in prompts):
-        raise UserError("generate() does not read <lora:NAME:WEIGHT> tags: merge the file with models.lora.apply_lora"
-                        " and take the tag out (tokenizer.prompt_syntax.lora_tags), or use the CLI")  # fmt: skip
-    return prompts, negatives
 
 
 def model_settings(pipe: Pipeline, settings: dict, img2img: bool, inpaint: bool) -> Settings:

@@ -56,6 +56,27 @@ def cpu_has_amx() -> bool:
     return bool(check()) if check is not None else False
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """A torch dtype, its name ("float16"), or None / "auto" for auto_dtype's choice; a warning where the CPU makes it
+    very slow (bf16 without AVX-512, about 100x; float16, about 27x: bench/README.md)."""
+    dtype = None if dtype == "auto" else dtype
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    if dtype is not None and dtype not in DTYPES.values():
+        raise TypeError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    dtype = dtype or auto_dtype(device)[0]
+    if device.type == "cpu" and dtype == torch.bfloat16 and "AVX512" not in torch.backends.cpu.get_cpu_capability():
+        warnings.warn("bfloat16 on a CPU without AVX-512 is very slow; use --dtype float32", stacklevel=3)
+    if device.type == "cpu" and dtype == torch.float16:
+        warnings.warn("float16 on a CPU is about 27x slower than float32; use --dtype float32", stacklevel=3)
+    return dtype
+
+
 def auto_dtype(device: torch.device) -> tuple[torch.dtype, str]:
     """What --dtype auto picks on `device`, and why: float16 on CUDA (half the memory, tensor cores), bfloat16 on a CPU
     with AMX, float32 on other CPUs (without AMX, bf16 gains nothing: AVX-512 CPUs emulate it, AVX2 ones are ~100x

@@ -12,12 +12,15 @@ import numbers
 import operator
 import secrets
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 import hires
 import scheduler as sampling
 from models.clip import CLIPTextConfig
+from tokenizer.prompt_syntax import LORA_TAG
 
 # SD 1.5 was trained on 1000 timesteps; "leading" spacing with steps_offset 1 would ask for t = 1000 at 1000 steps.
 MAX_STEPS = 999
@@ -218,3 +221,34 @@ class Settings:
                             "--hires-scale")  # fmt: skip
         if (height, width) == (self.height, self.width):
             raise UserError(f"hires scale {self.hires_scale:g} leaves {self.width}x{self.height} as it is; raise it")
+
+
+# ----------------------------------------------------------------------------- generate()'s other arguments
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+def check_inputs(prompt: object, negative_prompt: object, init_image: object, mask_image: object, output_type: str,
+                 prompt_syntax: str) -> tuple[list[str], list[str]]:  # fmt: skip
+    """generate()'s arguments other than the settings, checked; returns the prompts and one negative prompt each, as
+    lists of strings. <lora:...> tags are the CLI's to apply."""
+    for name, image in (("init_image", init_image), ("mask_image", mask_image)):
+        if image is not None and not isinstance(image, Image.Image | str | Path):
+            raise TypeError(f"{name} must be a PIL image or a file path, got {type(image).__name__}")
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+    if prompt_syntax not in ("a1111", "plain"):
+        raise ValueError(f"prompt_syntax must be 'a1111' or 'plain', got {prompt_syntax!r}")
+    out = []
+    for name, value in (("prompt", prompt), ("negative_prompt", negative_prompt)):
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list | tuple) or not items or not all(isinstance(p, str) for p in items):
+            raise TypeError(f"{name} must be a string or a non-empty list of strings, got {value!r:.60}")
+        out.append(list(items))
+    prompts, negatives = out[0], out[1] * len(out[0]) if isinstance(negative_prompt, str) else out[1]
+    if len(negatives) != len(prompts):
+        raise UserError(f"got {len(prompts)} prompts and {len(negatives)} negative prompts; give one, or one each")
+    if any(LORA_TAG.search(p) for p in prompts):
+        raise UserError("generate() does not read <lora:NAME:WEIGHT> tags: merge the file with models.lora.apply_lora"
+                        " and take the tag out (tokenizer.prompt_syntax.lora_tags), or use the CLI")  # fmt: skip
+    return prompts, negatives
