@@ -22,6 +22,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ from resources import (
     resolve_dtype,
     trim_heap,
 )
-from settings import NonFiniteError, Settings, UserError, check_inputs
+from settings import NonFiniteError, Settings, check_inputs
 from tokenizer import CLIPTokenizer
 
 __all__ = ["DTYPES", "generate", "load_controlnet", "load_pipeline"]  # and the algorithm's steps below
@@ -203,11 +204,13 @@ def check_finite(x: torch.Tensor, stage: str) -> None:
 
 def hires_fix(pipe: Pipeline, x: torch.Tensor, s: Settings, contexts: list[tuple[int, torch.Tensor]],
               guidance: float | None, generator: torch.Generator, tiled: bool, callback: Callable | None = None,
-              progress: bool = True) -> tuple[torch.Tensor, bool]:  # fmt: skip
+              progress: bool = True, controls_at: Callable | None = None) -> tuple[torch.Tensor, bool]:  # fmt: skip
     """A1111's hires fix (processing.py, sample_hr_pass): the first pass's latents x upscaled by s.hires_scale, as
     latents or as pixels (decode, PIL resize, encode: hires.py), then an image-to-image pass at the larger size with
     fresh noise from the same generator: noised to the level where the last `run` steps of a `total`-step schedule
-    start (hires.img2img_steps), and those steps run. Returns the latents and whether the VAE tiles at that size."""
+    start (hires.img2img_steps), and those steps run. `controls_at(size=(H, W))`: the ControlNets, their control
+    images prepared again at the larger size, with the same scales, guess mode and start/end (fractions of this pass's
+    UNet calls), as A1111's ControlNet extension. Returns the latents and whether the VAE tiles at that size."""
     factor = pipe.vae.downsample_factor
     height, width = hires.target_size(x.shape[2] * factor, x.shape[3] * factor, s.hires_scale, factor)
     big_tiled = choose_tiling(pipe, s.vae_tiling, (height, width))  # the larger size may need the VAE in tiles
@@ -222,7 +225,9 @@ def hires_fix(pipe: Pipeline, x: torch.Tensor, s: Settings, contexts: list[tuple
         big = hires.upscale_images(pixels, s.hires_scale, factor, s.hires_upscaler)  # (B, 3, H, W) in [-1, 1]
         x = encode_image(pipe, big, generator, big_tiled)
     x = sampling.add_noise(schedule, x, sampling.draw_noise(x.shape, pipe.dtype, pipe.device, generator))
-    return sample(pipe, schedule, x, contexts, guidance, generator, s.eta, None, callback, progress), big_tiled
+    controls = controls_at(size=(height, width)) if controls_at else None
+    x = sample(pipe, schedule, x, contexts, guidance, generator, s.eta, None, callback, progress, controls)
+    return x, big_tiled
 
 
 # ----------------------------------------------------------------------------- generate
@@ -265,10 +270,9 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
         big = hires.target_size(height, width, s.hires_scale, factor)
         check_cost(pipe, n * (2 if guidance else 1), big, s.hires_steps or s.steps, pipe.vae.needs_tiling(*big))
     dev, generator = pipe.device, torch.Generator().manual_seed(s.seed)  # on the CPU: the same noise on any device
-    controls = Controls.read(pipe, controlnet, control_image, control_scale, control_start, control_end, guess_mode,
-                             (height, width), n, cfg=guidance is not None)  # fmt: skip
-    if controls and s.hires_scale > 1:
-        raise UserError("the hires fix does not take ControlNets yet: run without --hires-scale, then upscale")
+    controls_at = partial(Controls.read, pipe, controlnet, control_image, control_scale, control_start, control_end,
+                          guess_mode, n=n, cfg=guidance is not None)  # fmt: skip
+    controls = controls_at(size=(height, width))  # checked; hires_fix prepares them again at its size
 
     # 1. Text -> context for each step: (2B, L, D), the unconditional half first, each prompt's rows repeated
     # num_images times (p0, p0, p1, p1, ...), so that one UNet call serves both halves of CFG.
@@ -306,7 +310,7 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
         if len(contexts) > 1:  # prompt editing switches at the second pass's own steps (A1111's hires conds)
             hires_s = replace(s, steps=s.hires_steps or s.steps)
             contexts = conditioning(pipe, prompts, negatives, hires_s, guidance is not None, prompt_syntax)
-        x, tiled = hires_fix(pipe, x, s, contexts, guidance, generator, tiled, callback, progress)
+        x, tiled = hires_fix(pipe, x, s, contexts, guidance, generator, tiled, callback, progress, controls_at)
         check_finite(x, "hires fix's second pass")
     if output_type == "latent":
         return x

@@ -15,7 +15,7 @@ from PIL import Image
 import hires
 from cli.png_info import parameters_text, read_parameters
 from conftest import assert_images_close, with_scheduler
-from min_pipeline import generate, load_pipeline
+from min_pipeline import generate, load_controlnet, load_pipeline
 from models.lora import apply_lora
 from settings import Settings, UserError
 
@@ -34,10 +34,18 @@ def reference(folder):
 
 
 def reference_hires(ref, prompt, negative_prompt="", *, steps, height, width, scale, upscaler, hires_steps, denoise,
-                    seed, scheduler, guidance=7.5, embeds=None, swap_at=None, tiling=False):  # fmt: skip
+                    seed, scheduler, guidance=7.5, embeds=None, swap_at=None, tiling=False, control=None,
+                    controlled_second_pass=True):  # fmt: skip
     """Diffusers, both passes by hand. `embeds` = (prompt, negative, prompt after the switch) replaces the text, the
-    prompt switched after step `swap_at` of each pass by callback_on_step_end (prompt editing)."""
-    from diffusers import StableDiffusionImg2ImgPipeline
+    prompt switched after step `swap_at` of each pass by callback_on_step_end (prompt editing). `control` = dict(
+    controlnet=..., image=..., and the ControlNet pipelines' keyword arguments): both passes by
+    StableDiffusionControlNet(Img2Img)Pipeline, each preparing the control image at its own size (height, width given)
+    (`controlled_second_pass=False`: the second pass without them, to show that they act there)."""
+    from diffusers import (
+        StableDiffusionControlNetImg2ImgPipeline,
+        StableDiffusionControlNetPipeline,
+        StableDiffusionImg2ImgPipeline,
+    )
 
     with_scheduler(ref, scheduler)
     ref.vae.enable_tiling() if tiling else ref.vae.disable_tiling()
@@ -53,7 +61,15 @@ def reference_hires(ref, prompt, negative_prompt="", *, steps, height, width, sc
 
         extra = dict(callback_on_step_end=swap, callback_on_step_end_tensor_inputs=["prompt_embeds"])
     common = dict(guidance_scale=guidance, generator=generator, **text, **extra)
-    latents = ref(**common, num_inference_steps=steps, height=height, width=width, output_type="latent").images
+    first, controlled = ref, {}
+    if control is not None:
+        net, hint = control["controlnet"], control["image"]
+        controlled = {k: v for k, v in control.items() if k not in ("controlnet", "image")}
+        first = StableDiffusionControlNetPipeline(**ref.components, controlnet=net)
+        first.set_progress_bar_config(disable=True)
+    hint1 = dict(image=hint) if control is not None else {}
+    latents = first(**common, **hint1, **controlled, num_inference_steps=steps, height=height, width=width,
+                    output_type="latent").images  # fmt: skip
     f = ref.vae_scale_factor
     big = (int(height * scale) // f * f, int(width * scale) // f * f)  # A1111: int(size * scale), whole latents
     if upscaler == "latent":
@@ -67,9 +83,13 @@ def reference_hires(ref, prompt, negative_prompt="", *, steps, height, width, sc
     total = int(run / min(denoise, 0.999))
     strength = run / total
     assert int(total * strength) == run  # Diffusers' img2img then skips total - run steps
-    img2img = StableDiffusionImg2ImgPipeline(**ref.components)
+    img2img, hint2 = StableDiffusionImg2ImgPipeline(**ref.components), {}
+    if control is not None and controlled_second_pass:  # takes the 4-channel latents as `image=` too (prepare_latents)
+        img2img = StableDiffusionControlNetImg2ImgPipeline(**ref.components, controlnet=net)
+        hint2 = dict(control_image=hint, height=big[0], width=big[1], **controlled)  # resized to the second pass's size
     img2img.set_progress_bar_config(disable=True)
-    return img2img(**common, image=image, strength=strength, num_inference_steps=total, output_type="np").images
+    return img2img(**common, **hint2, image=image, strength=strength, num_inference_steps=total,
+                   output_type="np").images  # fmt: skip
 
 
 CASES = {  # upscaler, scheduler, hires steps, denoise: one latent and one image upscaler, two step settings
@@ -167,6 +187,78 @@ def test_hires_fix_with_a_lora_on_both_sides(tiny_model_dir, tmp_path):
     want = reference_hires(ref, "a red fox", steps=3, height=16, width=24, scale=2.0, upscaler="lanczos",
                            hires_steps=0, denoise=0.7, seed=4, scheduler="euler")  # fmt: skip
     assert_images_close(got, want, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def controlnets(tiny_model_dir, tmp_path_factory):
+    """Two random ControlNets for the tiny model (test_controlnet.random_controlnet), as Diffusers models, ours, and
+    their folders."""
+    from diffusers import UNet2DConditionModel
+    from test_controlnet import random_controlnet
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir / "unet")
+    refs, folders = [random_controlnet(unet, seed) for seed in (1, 2)], []
+    for k, net in enumerate(refs):
+        folders.append(tmp_path_factory.mktemp(f"hires_controlnet{k}"))
+        net.save_pretrained(folders[-1], safe_serialization=True)
+    return refs, [load_controlnet(str(f), "cpu", "float32") for f in folders], folders
+
+
+CONTROL_CASES = {  # upscaler, scheduler, hires steps, denoise, ControlNets, scale, start, end, guess mode
+    "latent-euler-one": ("latent", "euler", 3, 0.6, [0], 0.8, 0.0, 0.7, False),
+    "lanczos-euler_a-one": ("lanczos", "euler_a", 0, 0.7, [0], 1.2, 0.3, 1.0, False),
+    "latent-heun-two-guess": ("latent", "heun", 2, 0.5, [1, 0], [0.9, 1.1], [0.0, 0.2], [0.8, 1.0], True),
+}
+
+
+@pytest.mark.parametrize("case", list(CONTROL_CASES))
+def test_hires_fix_with_controlnets_equals_diffusers_controlnet_pipelines(tiny, controlnets, case):
+    """ControlNets in both passes, as A1111's ControlNet extension: the control image (another size and shape)
+    prepared at each pass's size, the same scales, guess mode and start/end counted over each pass's UNet calls
+    (Heun: 2 per step but the last). Diffusers: StableDiffusionControlNetPipeline's latents, upscaled, then
+    StableDiffusionControlNetImg2ImgPipeline with height/width of the second pass."""
+    from test_controlnet import control_picture
+
+    (ours, ref), (refs, mine, _) = tiny, controlnets
+    upscaler, scheduler, hires_steps, denoise, k, scale, start, end, guess = CONTROL_CASES[case]
+    hints = [control_picture(20, 36, seed=j) for j in k]
+    one = len(k) == 1
+    net, hint = (refs[k[0]], hints[0]) if one else ([refs[j] for j in k], hints)
+    got = generate(ours, "a red fox", "blurry", steps=4, height=24, width=16, seed=3, scheduler=scheduler,
+                   hires_scale=2.0, hires_upscaler=upscaler, hires_steps=hires_steps, hires_denoise=denoise,
+                   controlnet=mine[k[0]] if one else [mine[j] for j in k], control_image=hint, control_scale=scale,
+                   control_start=start, control_end=end, guess_mode=guess, output_type="np",
+                   progress=False)  # fmt: skip
+    control = dict(controlnet=net, image=hint, controlnet_conditioning_scale=scale, control_guidance_start=start,
+                   control_guidance_end=end, guess_mode=guess)  # fmt: skip
+    args = dict(steps=4, height=24, width=16, scale=2.0, upscaler=upscaler, hires_steps=hires_steps, denoise=denoise,
+                seed=3, scheduler=scheduler, control=control)  # fmt: skip
+    want = reference_hires(ref, "a red fox", "blurry", **args)
+    assert got.shape == (1, 48, 32, 3)
+    assert_images_close(got, want, atol=1e-4)
+    if case == "latent-euler-one":  # the ControlNet does act in the second pass
+        uncontrolled = reference_hires(ref, "a red fox", "blurry", **args, controlled_second_pass=False)
+        assert abs(got - uncontrolled).max() > 1e-2, abs(got - uncontrolled).max()
+
+
+def test_cli_hires_fix_with_a_controlnet_records_both(tiny_model_dir, controlnets, tmp_path):
+    from test_controlnet import control_picture
+
+    from cli.main import main
+
+    photo, out = tmp_path / "photo.png", tmp_path / "fox.png"
+    control_picture(20, 36, seed=4).save(photo)
+    args = ["--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32", "--steps", "2", "--seed", "1",
+            "--height", "24", "--width", "16", "--quiet", "--prompt", "a fox", "--output", str(out), "--hires-scale",
+            "2", "--hires-steps", "2", "--controlnet", str(controlnets[2][0]), "--control-image", str(photo),
+            "--control-end", "0.5"]  # fmt: skip
+    assert main(args) == 0
+    image = Image.open(out)
+    params = read_parameters(image.text["parameters"])
+    assert image.size == (32, 48) and params["Size"] == "16x24"
+    assert [params[k] for k in ("Hires upscale", "Hires steps", "Hires upscaler")] == ["2", "2", "Latent"]
+    assert params["ControlNet 0"].startswith("Module: none, Model: hires_controlnet0")
+    assert "Guidance End: 0.5" in params["ControlNet 0"]
 
 
 # ----------------------------------------------------------------------------- A1111's arithmetic, names and PNG
