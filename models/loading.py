@@ -242,11 +242,8 @@ def read_weights(path: Path, dtype, device) -> dict[str, torch.Tensor]:
         warnings.warn(f"cannot keep a {name} copy of {path} in {folder} ({e}): converting it at each load, and "
                       f"its weights stay in memory (set {CACHE_ENV} to a writable folder)", stacklevel=4)  # fmt: skip
         return state
-    size_mb = sum(t.nbytes for t in state.values()) // 2**20
     del state, flat
     trim_heap()  # the converted tensors' memory back to the system: the copy's pages replace it
-    warnings.warn(f"kept a {name} copy of {path} ({size_mb} MB) in {folder}: later runs map it (less memory, a faster "
-                  f"load); {CACHE_ENV}=off keeps none, {CACHE_ENV}=DIR keeps them elsewhere", stacklevel=4)  # fmt: skip
     return channels_last_views(load_safetensors(copy), copy)
 
 
