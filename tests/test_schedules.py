@@ -24,7 +24,7 @@ from PIL import Image
 import scheduler as S
 from cli.main import main
 from cli.png_info import parameters_text, read_parameters
-from conftest import assert_images_close, max_diff
+from conftest import DIFFUSERS_SCHEDULERS, MORE_SCHEDULERS, assert_images_close, max_diff
 from min_pipeline import generate, load_pipeline
 from settings import Settings, UserError
 
@@ -32,21 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONFIG = json.loads((ROOT / "tests/sd15_configs/scheduler/scheduler_config.json").read_text())
 OURS = S.SchedulerConfig()
 # The Diffusers class (and options) of each sampler, ours and the ones added beside them.
-REFERENCE = {
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-    "dpmpp_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "dpm2": ("KDPM2DiscreteScheduler", {}),
-    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
-    "lcm": ("LCMScheduler", {}),
-}
+REFERENCE = {name: (cls, {}) for name, cls in DIFFUSERS_SCHEDULERS.items()} | MORE_SCHEDULERS
 # Every (sampler, schedule type other than default) a record offers, for the samplers in scheduler.SAMPLERS now.
 PAIRS = [(name, schedule) for name, s in S.SAMPLERS.items() for schedule in s.schedules if schedule != "default"]
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
