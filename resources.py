@@ -16,6 +16,7 @@ import warnings
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models.loading import release_tensors, trim_heap  # noqa: F401 - trim_heap: for min_pipeline
@@ -196,55 +197,123 @@ def release_pages(module: nn.Module) -> None:
     encoder before the loop, the UNet before the VAE decode): the peak RSS of a run is then the UNet's weights and
     activations, not all the weights plus the decode (bench/README.md). bf16 runs map a converted copy of the files
     (models.loading.read_weights) so that this works for them too. LoRA-merged or GPU tensors are never touched.
-    Prepacked convolution weights (prepack_convolutions) are dropped; the next call packs them again."""
+    Weights packed for oneDNN (prepack_for_onednn) are dropped; the next call packs them again."""
     release_tensors([*module.parameters(), *module.buffers()])
-    packs = [m.forward for m in module.modules() if isinstance(m.__dict__.get("forward"), PackedConv)]
+    packs = [m.forward for m in module.modules() if isinstance(m.__dict__.get("forward"), Packed)]
     for pack in packs:
-        pack.key = pack.packed = None
+        pack.drop()
     if packs:
         trim_heap()  # their memory back to the system
 
 
-# ----------------------------------------------------------------------------- oneDNN convolutions (CPU, bfloat16)
+# ----------------------------------------------------------------------------- oneDNN kernels (CPU, bfloat16)
 
 
-def prepack_convolutions(module: nn.Module) -> None:
-    """Run `module`'s bfloat16 convolutions on the CPU with their weights in oneDNN's blocked layout, made once per
-    weight and input shape instead of at every call (what eager PyTorch does, and what inductor's freezing saves).
+def prepack_for_onednn(module: nn.Module) -> None:
+    """Run `module`'s bfloat16 convolutions and linear layers on the CPU with their weights in oneDNN's blocked
+    layout, made once per weight and input shape instead of at every call (what eager PyTorch does, and what
+    inductor's freezing saves), with the bias and GEGLU's GELU and product fused into the matmul that makes them.
 
-    A UNet step's convolutions read 1.7 GB of weights per call at batch 2; at the low levels (8x8, 16x16 latents) the
-    per-call reorder of a 1280-channel 3x3 weight costs more than the convolution itself: 21 -> 6 ms at 8x8, and the
-    bf16 UNet call 0.77x in CPU seconds (bench/README.md), bit for bit the same output (the same oneDNN kernel runs;
-    only the weight's reorder moves out of the call). The reordered copy is ordinary memory; the original, a page of
-    the mapped bf16 copy (models.loading.read_weights), is released from RSS once packed, so the resident weights
-    stay about the same. A weight replaced by another tensor (a LoRA merge) or a new input shape packs anew; a
-    weight changed in place is not seen (nothing in minsd does that). Elsewhere (float32, autograd, torch.compile
-    tracing, other devices) the convolution runs as usual. A no-op where this PyTorch lacks the oneDNN ops."""
-    if not (
-        hasattr(torch.ops.mkldnn, "_convolution_pointwise") and hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight")
-    ):
+    Convolutions (PackedConv): a UNet step's convolutions read 1.7 GB of weights per call at batch 2; at the low levels
+    (8x8, 16x16 latents) the per-call reorder of a 1280-channel 3x3 weight costs more than the convolution itself: 21 ->
+    6 ms at 8x8, and the bf16 UNet call 0.77x in CPU seconds, bit for bit the same output (the same oneDNN kernel runs;
+    only the weight's reorder moves out of the call). Linear layers (PackedLinear, PackedGEGLU): no separate bias
+    copy, GELU or product pass over the 10240-wide feed-forward activations: the UNet call 0.90x (bench/README.md);
+    the bias, GELU and product are applied to the float32 accumulators before the one rounding to bfloat16, so the
+    output differs from eager's by bfloat16 rounding (relative 1.2e-2 on a full-size call, as channels_last does).
+    The reordered copy is ordinary memory; the original, a page of the mapped bf16 copy (models.loading.read_weights),
+    is released from RSS once packed, so the resident weights stay about the same. A weight replaced by another tensor
+    (a LoRA merge) or a new input shape packs anew; a weight changed in place is not seen (nothing in minsd does that).
+    Elsewhere (float32, autograd, torch.compile tracing, other devices) the layers run as usual. A no-op where this
+    PyTorch lacks the oneDNN ops."""
+    mkldnn = torch.ops.mkldnn
+    if not all(hasattr(mkldnn, op) for op in ("_convolution_pointwise", "_linear_pointwise", "_reorder_linear_weight")):
         return
-    for conv in module.modules():
-        if isinstance(conv, nn.Conv2d) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str):
-            conv.forward = PackedConv(conv)
+    if not hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"):
+        return
+    from models.unet import GEGLU  # the one module whose tail is fused
+
+    in_geglu = {id(m.proj) for m in module.modules() if isinstance(m, GEGLU)}
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+            m.forward = PackedConv(m)
+        elif isinstance(m, GEGLU):
+            m.forward = PackedGEGLU(m)
+        elif isinstance(m, nn.Linear) and id(m) not in in_geglu:
+            m.forward = PackedLinear(m)
 
 
-class PackedConv:
-    """`conv`'s forward with a prepacked weight (prepack_convolutions)."""
+def onednn_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether a packed layer takes its oneDNN path for input `x` and weight `w` (else the plain PyTorch op)."""
+    return not (torch.compiler.is_compiling() or torch.is_grad_enabled() or x.device.type != "cpu"
+                or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16)  # fmt: skip
+
+
+class Packed:
+    """A layer's forward with weights packed for oneDNN, made by pack() when `key` changes; drop() frees them."""
+
+    key, packed = None, None
+
+    def get(self, w: torch.Tensor, key: tuple, pack):
+        if key != self.key:
+            self.packed = None  # the old copy freed before the new one is made
+            self.packed, self.key = pack(), key
+            release_tensors([w])  # the mapped original leaves RSS: the packed copy is what is read now
+        return self.packed
+
+    def drop(self) -> None:
+        self.key = self.packed = None
+
+
+class PackedConv(Packed):
+    """`conv`'s forward with a prepacked weight."""
 
     def __init__(self, conv: nn.Conv2d):
-        self.conv, self.key, self.packed = conv, None, None
+        self.conv = conv
         self.args = [list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         c, w = self.conv, self.conv.weight
-        if (torch.compiler.is_compiling() or torch.is_grad_enabled() or x.device.type != "cpu" or x.ndim != 4
-                or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16):  # fmt: skip
+        if x.ndim != 4 or not onednn_applies(x, w):
             return c._conv_forward(x, w, c.bias)
         key = (w.data_ptr(), tuple(w.shape), tuple(x.shape))
-        if key != self.key:
-            self.packed = None  # the old copy freed before the new one is made
-            self.packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.to_mkldnn(), *self.args, list(x.shape))
-            self.key = key
-            release_tensors([w])
-        return torch.ops.mkldnn._convolution_pointwise(x, self.packed, c.bias, *self.args, "none", [], "")
+        pack = torch._C._nn.mkldnn_reorder_conv2d_weight
+        packed = self.get(w, key, lambda: pack(w.to_mkldnn(), *self.args, list(x.shape)))
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, c.bias, *self.args, "none", [], "")
+
+
+def pack_linear_weight(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A (out, in) weight in oneDNN's layout for a matmul with `x`'s rows (all but its last dimension)."""
+    return torch.ops.mkldnn._reorder_linear_weight(w, x.numel() // x.shape[-1])
+
+
+class PackedLinear(Packed):
+    """`linear`'s forward with a prepacked weight and the bias added in the matmul."""
+
+    def __init__(self, linear: nn.Linear):
+        self.linear = linear
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.linear.weight, self.linear.bias
+        if not onednn_applies(x, w):
+            return F.linear(x, w, b)
+        packed = self.get(w, (w.data_ptr(), tuple(w.shape), x.shape[:-1].numel()), lambda: pack_linear_weight(w, x))
+        return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
+
+
+class PackedGEGLU(Packed):
+    """GEGLU's forward, value * GELU(gate) with [value, gate] = proj(x), as two matmuls with prepacked halves of the
+    weight: the gate's with GELU (erf) fused, the value's with the product by the gate fused."""
+
+    def __init__(self, geglu: nn.Module):
+        self.geglu = geglu
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.geglu.proj.weight, self.geglu.proj.bias
+        if not onednn_applies(x, w):
+            return type(self.geglu).forward(self.geglu, x)
+        n = w.shape[0] // 2
+        key = (w.data_ptr(), tuple(w.shape), x.shape[:-1].numel())
+        value, gate = self.get(w, key, lambda: (pack_linear_weight(w[:n], x), pack_linear_weight(w[n:], x)))
+        gelu_gate = torch.ops.mkldnn._linear_pointwise(x, gate, b[n:], "gelu", [], "none")
+        return torch.ops.mkldnn._linear_pointwise.binary(x, gelu_gate, value, b[:n], "mul")

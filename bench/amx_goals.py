@@ -14,7 +14,10 @@ Rows: ours = `python min_pipeline.py --prompt ... --seed 0` (the CLI with its de
 CPU with AMX, fp32 elsewhere), after one untimed first run that writes the converted bf16 copy of the weights
 (models.loading.read_weights; its wall and peak are printed too); Diffusers bf16 / fp32 =
 StableDiffusionPipeline.from_pretrained(torch_dtype=...), EulerDiscreteScheduler from its config, pipe(...).images[0]
-saved as PNG. Optional: ours --dtype float32 (--ours-fp32: what auto runs on a CPU without AMX) and ours --compile
+saved as PNG; OpenVINO (--openvino PYTHON: a Python whose environment has optimum-intel[openvino], never this project's;
+see bench/README.md) = the folder exported once with optimum-intel (untimed), then OVStableDiffusionPipeline reshaped to
+a static 512x512 and compiled (it picks bf16 on an AMX CPU by itself), the same scheduler and call as Diffusers'.
+Optional: ours --dtype float32 (--ours-fp32: what auto runs on a CPU without AMX) and ours --compile
 (--compile: the compile is part of the job).
 
 Goals (issue 28): ours whole process <= 0.45x Diffusers bf16 and <= 0.2x Diffusers fp32; s/step <= 0.45x Diffusers
@@ -59,10 +62,20 @@ if impl == "ours":
             "--steps", str(steps), "--output", out, "--quiet"] + c["extra"]
     rc = main(argv)
     assert rc == 0, rc
+elif impl == "openvino-export":
+    from optimum.intel import OVStableDiffusionPipeline
+    OVStableDiffusionPipeline.from_pretrained(model, export=True, compile=False).save_pretrained(out)
+    sys.exit()
 else:
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
-    pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype), safety_checker=None)
+    if impl == "openvino":  # the exported folder, reshaped to the job's static size and compiled, as its docs advise
+        from optimum.intel import OVStableDiffusionPipeline
+        pipe = OVStableDiffusionPipeline.from_pretrained(model, compile=False)
+        pipe.reshape(batch_size=1, height=512, width=512, num_images_per_prompt=1)
+        pipe.compile()
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(model, torch_dtype=getattr(torch, dtype), safety_checker=None)
     pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
     wrap(pipe.unet, "forward"); wrap(pipe.vae, "decode")
     image = pipe(c["prompt"], negative_prompt=c["negative"], num_inference_steps=steps,
@@ -101,6 +114,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="rounds; best time, worst memory")
     p.add_argument("--ours-fp32", action="store_true", help="also ours with --dtype float32")
     p.add_argument("--compile", action="store_true", help="also ours with --compile (compile time included)")
+    p.add_argument("--openvino", metavar="PYTHON", help="also OpenVINO, run by this Python (its own venv)")
     p.add_argument("--cache", type=Path, default=Path("/tmp/minsd-goals-cache"), help="MINSD_CACHE for our runs")
     p.add_argument("--out", type=Path, default=Path("/tmp/minsd-goals"))
     p.add_argument("--timeout", type=float, default=3600, help="seconds allowed to one run")
@@ -115,6 +129,8 @@ def main() -> None:
     if args.compile:
         rows["ours --compile"] = ("ours", "auto", ["--compile"])
     rows |= {"Diffusers bf16": ("diffusers", "bfloat16", []), "Diffusers fp32": ("diffusers", "float32", [])}
+    if args.openvino:
+        rows["OpenVINO"] = ("openvino", "auto", [])
 
     def png(name: str) -> Path:
         impl, dtype, extra = rows[name]
@@ -122,9 +138,10 @@ def main() -> None:
 
     def command(name: str, log: Path) -> list[str]:
         impl, dtype, extra = rows[name]
-        config = dict(impl=impl, model=str(args.model), steps=args.steps, png=str(png(name)), log=str(log), dtype=dtype,
+        model = args.out / "openvino-model" if impl == "openvino" else args.model
+        config = dict(impl=impl, model=str(model), steps=args.steps, png=str(png(name)), log=str(log), dtype=dtype,
                       extra=extra, root=str(ROOT), prompt=PROMPT, negative=NEGATIVE)  # fmt: skip
-        return [sys.executable, "-c", CHILD, json.dumps(config)]
+        return [args.openvino if impl == "openvino" else sys.executable, "-c", CHILD, json.dumps(config)]
 
     weights = sum(
         f.stat().st_size for c in ("unet", "text_encoder", "vae") for f in (args.model / c).glob("*.safetensors")
@@ -137,6 +154,11 @@ def main() -> None:
     first = run("ours first run", command("ours (CLI default)", args.out / "first.json"), env, args.timeout)
     print(f"ours, first run (writes the bf16 copy to {args.cache}): {first['wall_s']:.1f} s, peak "
           f"{first['peak_mb']:.0f} MB, load {first['load']:.2f}", flush=True)  # fmt: skip
+    if args.openvino:
+        export = dict(impl="openvino-export", model=str(args.model), png=str(args.out / "openvino-model"))
+        done = run("OpenVINO export", [args.openvino, "-c", CHILD, json.dumps(export)], env, args.timeout)
+        print(f"OpenVINO export (once, untimed in the rows): {done['wall_s']:.1f} s, peak {done['peak_mb']:.0f} MB",
+              flush=True)  # fmt: skip
     results: dict[str, list[dict]] = {name: [] for name in rows}
     for r in range(args.repeats):
         for name in rows:
@@ -166,6 +188,14 @@ def main() -> None:
     print("\nissue 28 goals (ours = the CLI default)")
     for what, ratio, goal in goals:
         print(f"  {what:<34} {ratio:5.2f}  (goal <= {goal:.2f})  {'met' if ratio <= goal else 'NOT met'}")
+    if args.openvino:
+        ov = best["OpenVINO"]
+        print("ours / OpenVINO (the anchor: at its speed or better = <= 1.00): " + ", ".join(
+            f"{k} {ours[k] / ov[k]:.2f}" for k in ("wall_s", "step_s", "decode_s", "peak_mb")))  # fmt: skip
+        print(
+            "OpenVINO / Diffusers bf16: "
+            + ", ".join(f"{k} {ov[k] / bf[k]:.2f}" for k in ("wall_s", "step_s", "decode_s"))
+        )
     import numpy as np
     from PIL import Image
 

@@ -151,3 +151,44 @@ def test_prepacked_convolutions_give_the_plain_convolutions_bits(tiny_model_dir)
     resources.release_pages(pipe.unet)
     assert all(m.forward.packed is None for m in convs)
     torch.testing.assert_close(call(True), call(False), atol=0, rtol=0)
+
+
+def test_packed_linear_layers_round_like_bfloat16_and_follow_their_weights(tiny_model_dir):
+    """load_pipeline runs the bf16 UNet's linear layers through oneDNN with prepacked weights, the bias and GEGLU's
+    GELU and product fused (resources.PackedLinear, PackedGEGLU). Each layer against the same layer in float32: within
+    bfloat16 rounding (rtol 2^-7), as close as the plain bf16 layer is; a replaced weight (a LoRA merge) is packed
+    again; release_pages drops the packed copies."""
+    pipe = load_pipeline(str(tiny_model_dir), device="cpu", dtype=torch.bfloat16)
+    layers = [m for m in pipe.unet.modules() if isinstance(m.__dict__.get("forward"), resources.Packed)]
+    linears = [m for m in layers if isinstance(m.forward, resources.PackedLinear)]
+    gegelus = [m for m in layers if isinstance(m.forward, resources.PackedGEGLU)]
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in pipe.unet.modules())
+    assert gegelus and len(linears) + len(gegelus) == n_linear  # every Linear, GEGLU's proj inside its GEGLU
+    g = torch.Generator().manual_seed(0)
+
+    def check(layer: torch.nn.Module) -> None:
+        fused, plain = layer.forward, type(layer).forward
+        x = torch.randn(2, 7, layer.proj.in_features if hasattr(layer, "proj") else layer.in_features, generator=g)
+        with torch.inference_mode():
+            got, eager = fused(x.bfloat16()).float(), plain(layer, x.bfloat16()).float()
+            saved = {k: v.data for k, v in layer.named_parameters()}
+            for v in layer.parameters():
+                v.data = v.data.float()
+            want = plain(layer, x.bfloat16().float())  # the same bf16 weights and input, in float32
+            for k, v in layer.named_parameters():
+                v.data = saved[k]
+        scale = want.abs().max().item()
+        tol = dict(rtol=2**-7, atol=2**-7 * scale, msg=lambda m: f"{m}\n{max_diff(got, want)}")
+        torch.testing.assert_close(got, want, **tol)
+        assert (got - want).abs().max() <= 2 * (eager - want).abs().max() + 1e-6 * scale
+
+    for layer in linears[:4] + gegelus:
+        check(layer)
+    layer = gegelus[0]
+    old = layer.forward.packed
+    layer.proj.weight.data = (layer.proj.weight.float() * 1.5).bfloat16()  # replaced, as a LoRA merge does
+    check(layer)
+    assert layer.forward.packed is not old
+    resources.release_pages(pipe.unet)
+    assert all(m.forward.packed is None for m in layers)
+    check(layer)
