@@ -146,6 +146,9 @@ def main() -> None:
     weights = sum(
         f.stat().st_size for c in ("unet", "text_encoder", "vae") for f in (args.model / c).glob("*.safetensors")
     )
+    from bench_pipeline import cpu_description  # this folder is on sys.path when run as a script
+
+    print(f"CPU: {cpu_description()}")
     print(f"{os.cpu_count()} CPUs, load {os.getloadavg()}; {args.model}: fp32 weights {weights / 2**20:.0f} MB, "
           f"bf16 {weights / 2**21:.0f} MB; 512x512, {args.steps} Euler steps, CFG 7.5", flush=True)  # fmt: skip
     import shutil
@@ -155,7 +158,8 @@ def main() -> None:
     print(f"ours, first run (writes the bf16 copy to {args.cache}): {first['wall_s']:.1f} s, peak "
           f"{first['peak_mb']:.0f} MB, load {first['load']:.2f}", flush=True)  # fmt: skip
     if args.openvino:
-        export = dict(impl="openvino-export", model=str(args.model), png=str(args.out / "openvino-model"))
+        export = dict(impl="openvino-export", model=str(args.model), steps=0, png=str(args.out / "openvino-model"),
+                      log="", dtype="")  # fmt: skip
         done = run("OpenVINO export", [args.openvino, "-c", CHILD, json.dumps(export)], env, args.timeout)
         print(f"OpenVINO export (once, untimed in the rows): {done['wall_s']:.1f} s, peak {done['peak_mb']:.0f} MB",
               flush=True)  # fmt: skip

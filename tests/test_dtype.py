@@ -125,7 +125,7 @@ def test_an_unwritable_cache_converts_in_memory_with_a_warning(tiny_model_dir, t
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN (mkldnn) is not in this PyTorch")
 def test_prepacked_convolutions_give_the_plain_convolutions_bits(tiny_model_dir):
-    """load_pipeline packs the bf16 UNet's conv weights for oneDNN once (resources.prepack_convolutions): the same
+    """load_pipeline packs the bf16 UNet's conv weights for oneDNN once (resources.prepack_for_onednn): the same
     output bit for bit; a weight replaced by another tensor (as a LoRA merge does) is packed again; release_pages
     drops the packed copies and the next call makes them again."""
     pipe = load_pipeline(str(tiny_model_dir), device="cpu", dtype=torch.bfloat16)
@@ -153,6 +153,7 @@ def test_prepacked_convolutions_give_the_plain_convolutions_bits(tiny_model_dir)
     torch.testing.assert_close(call(True), call(False), atol=0, rtol=0)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN (mkldnn) is not in this PyTorch")
 def test_packed_linear_layers_round_like_bfloat16_and_follow_their_weights(tiny_model_dir):
     """load_pipeline runs the bf16 UNet's linear layers through oneDNN with prepacked weights, the bias and GEGLU's
     GELU and product fused (resources.PackedLinear, PackedGEGLU). Each layer against the same layer in float32: within
