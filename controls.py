@@ -16,7 +16,7 @@ from torch import Tensor
 from images import open_image
 from models import loading
 from models.controlnet import ControlNet, fit_problem
-from resources import pick_device, resolve_dtype
+from resources import pick_device, prepack_for_onednn, resolve_dtype
 from settings import UserError, as_type
 
 
@@ -28,7 +28,10 @@ def load_controlnet(model: str, device: str | torch.device | None = None,
     dev = pick_device(str(device) if device is not None else None)
     dtype = resolve_dtype(dtype, dev)
     net = loading.load_controlnet(model, dtype, dev)
-    return net.to(memory_format=torch.channels_last) if dev.type == "cpu" and dtype == torch.bfloat16 else net
+    if dev.type == "cpu" and dtype == torch.bfloat16:  # as load_pipeline treats the UNet whose encoder it copies
+        net.to(memory_format=torch.channels_last)
+        prepack_for_onednn(net)
+    return net
 
 
 def control_image_to_tensor(image: Image.Image | str, width: int, height: int) -> Tensor:
