@@ -37,7 +37,9 @@ def speed_up(pipe: Pipeline, compile: bool = True, cuda_graph: bool | None = Non
     if channels_last:
         pipe.unet.to(memory_format=torch.channels_last)  # gain: not yet measured (bench/gpu.sh)
     if compile:
-        pipe.unet.compile(mode=mode, dynamic=False, backend=backend)  # CPU, tiny: -24% per call, 100 s to compile
+        # CPU: the tiny UNet -24% per call after 100 s; the full-size bf16 one (AMX) no faster than eager's packed
+        # oneDNN path after 73 s (0.95x with inductor's freezing, 63 s, +3.5 GB): bench/README.md
+        pipe.unet.compile(mode=mode, dynamic=False, backend=backend)
     on = pipe.device.type == "cuda" if cuda_graph is None else cuda_graph
     pipe.fast_loop = GraphLoop() if on else None  # GPU gain: bench/gpu.sh
     return pipe

@@ -32,6 +32,7 @@ every row carries the 1-minute load average before each of its runs: the figures
 Switches (ours): mallopt (min_pipeline.tune_malloc, which the CLI calls on the CPU), channels_last (the UNet;
 _all: the VAE too), bf16 (PyTorch's bf16 conv and matmul are ~100x slower than fp32 on AVX2-only CPUs and were
 still 1.2-1.5x slower with AVX-512 BF16 but no AMX: see bench/README.md).
+The default job as whole processes, with OpenVINO as the anchor (its own venv): bench/amx_goals.py --openvino PYTHON.
 """
 
 from __future__ import annotations

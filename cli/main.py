@@ -108,7 +108,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "float32")  # fmt: skip
     p.add_argument("--compile", action="store_true", help="the fast path (speed_up): torch.compile the UNet (the "
                    "first image waits minutes for it, then steps are faster); on CUDA the loop replays as a CUDA "
-                   "graph")  # fmt: skip
+                   "graph. On a CPU the default bf16 path is as fast without it (bench/README.md)")  # fmt: skip
     p.add_argument("--output", default="out.png", help="PNG file, or a folder (created if missing); several images "
                    "get numbered names")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress bar")
