@@ -219,18 +219,15 @@ def prepack_for_onednn(module: nn.Module) -> None:
     (8x8, 16x16 latents) the per-call reorder of a 1280-channel 3x3 weight costs more than the convolution itself: 21 ->
     6 ms at 8x8, and the bf16 UNet call 0.77x in CPU seconds, bit for bit the same output (the same oneDNN kernel runs;
     only the weight's reorder moves out of the call). Linear layers (PackedLinear, PackedGEGLU): no separate bias
-    copy, GELU or product pass over the 10240-wide feed-forward activations: the UNet call 0.90x (bench/README.md);
+    copy, GELU or product pass over the 10240-wide feed-forward activations: the UNet call 0.92x (bench/README.md);
     the bias, GELU and product are applied to the float32 accumulators before the one rounding to bfloat16, so the
     output differs from eager's by bfloat16 rounding (relative 1.2e-2 on a full-size call, as channels_last does).
     The reordered copy is ordinary memory; the original, a page of the mapped bf16 copy (models.loading.read_weights),
     is released from RSS once packed, so the resident weights stay about the same. A weight replaced by another tensor
     (a LoRA merge) or a new input shape packs anew; a weight changed in place is not seen (nothing in minsd does that).
     Elsewhere (float32, autograd, torch.compile tracing, other devices) the layers run as usual. A no-op where this
-    PyTorch lacks the oneDNN ops."""
-    mkldnn = torch.ops.mkldnn
-    if not all(hasattr(mkldnn, op) for op in ("_convolution_pointwise", "_linear_pointwise", "_reorder_linear_weight")):
-        return
-    if not hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"):
+    PyTorch lacks the oneDNN ops or the CPU cannot run them in bfloat16 (onednn_runs_bfloat16)."""
+    if not onednn_runs_bfloat16():
         return
     from models.unet import GEGLU  # the one module whose tail is fused
 
@@ -242,6 +239,16 @@ def prepack_for_onednn(module: nn.Module) -> None:
             m.forward = PackedGEGLU(m)
         elif isinstance(m, nn.Linear) and id(m) not in in_geglu:
             m.forward = PackedLinear(m)
+
+
+def onednn_runs_bfloat16() -> bool:
+    """Whether this PyTorch has the oneDNN ops prepack_for_onednn calls and this CPU runs them in bfloat16 (AVX-512
+    BW/VL/DQ or AVX-NE-CONVERT; oneDNN refuses bf16 on an AVX2-only CPU, where eager PyTorch takes a slow path)."""
+    mkldnn = torch.ops.mkldnn
+    ops = ("_convolution_pointwise", "_linear_pointwise", "_reorder_linear_weight", "_is_mkldnn_bf16_supported")
+    if not all(hasattr(mkldnn, op) for op in ops) or not hasattr(torch._C._nn, "mkldnn_reorder_conv2d_weight"):
+        return False
+    return bool(mkldnn._is_mkldnn_bf16_supported())
 
 
 def onednn_applies(x: torch.Tensor, w: torch.Tensor) -> bool:

@@ -19,6 +19,8 @@ from cli.main import main
 from conftest import max_diff, run_both
 from min_pipeline import generate, load_pipeline
 
+ONEDNN_BF16 = pytest.mark.skipif(not resources.onednn_runs_bfloat16(), reason="oneDNN cannot run bf16 on this CPU")
+
 
 @pytest.mark.parametrize("amx,want", [(True, torch.bfloat16), (False, torch.float32)])
 def test_auto_picks_bfloat16_only_on_a_cpu_with_amx(monkeypatch, tiny_model_dir, amx, want):
@@ -125,7 +127,7 @@ def test_an_unwritable_cache_converts_in_memory_with_a_warning(tiny_model_dir, t
     assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN (mkldnn) is not in this PyTorch")
+@ONEDNN_BF16
 def test_prepacked_convolutions_give_the_plain_convolutions_bits(tiny_model_dir):
     """load_pipeline packs the bf16 UNet's conv weights for oneDNN once (resources.prepack_for_onednn): the same
     output bit for bit; a weight replaced by another tensor (as a LoRA merge does) is packed again; release_pages
@@ -155,7 +157,7 @@ def test_prepacked_convolutions_give_the_plain_convolutions_bits(tiny_model_dir)
     torch.testing.assert_close(call(True), call(False), atol=0, rtol=0)
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN (mkldnn) is not in this PyTorch")
+@ONEDNN_BF16
 def test_packed_linear_layers_round_like_bfloat16_and_follow_their_weights(tiny_model_dir):
     """load_pipeline runs the bf16 UNet's linear layers through oneDNN with prepacked weights, the bias and GEGLU's
     GELU and product fused (resources.PackedLinear, PackedGEGLU). Each layer against the same layer in float32: within
@@ -195,3 +197,21 @@ def test_packed_linear_layers_round_like_bfloat16_and_follow_their_weights(tiny_
     resources.release_pages(pipe.unet)
     assert all(m.forward.packed is None for m in layers)
     check(layer)
+
+
+def test_no_packing_where_onednn_cannot_run_bfloat16(tiny_model_dir, monkeypatch):
+    """On a CPU where oneDNN refuses bfloat16 (AVX2 only: its ops raise there), load_pipeline installs no packed
+    layers and the bf16 UNet runs PyTorch's own ops: the output equals the same model's with the packs taken out."""
+    monkeypatch.setattr(resources, "onednn_runs_bfloat16", lambda: False)
+    pipe = load_pipeline(str(tiny_model_dir), device="cpu", dtype=torch.bfloat16)
+    assert not any(isinstance(m.__dict__.get("forward"), resources.Packed) for m in pipe.unet.modules())
+    monkeypatch.undo()
+    packed = load_pipeline(str(tiny_model_dir), device="cpu", dtype=torch.bfloat16)
+    for m in packed.unet.modules():
+        m.__dict__.pop("forward", None)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 12, 20, generator=g).bfloat16().contiguous(memory_format=torch.channels_last)
+    context = torch.randn(2, 77, pipe.unet.config.cross_attention_dim, generator=g).bfloat16()
+    with torch.inference_mode():
+        got, want = pipe.unet(x, torch.tensor(500.0), context), packed.unet(x, torch.tensor(500.0), context)
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
