@@ -32,7 +32,9 @@ every row carries the 1-minute load average before each of its runs: the figures
 Switches (ours): mallopt (min_pipeline.tune_malloc, which the CLI calls on the CPU), channels_last (the UNet;
 _all: the VAE too), bf16 (PyTorch's bf16 conv and matmul are ~100x slower than fp32 on AVX2-only CPUs and were
 still 1.2-1.5x slower with AVX-512 BF16 but no AMX: see bench/README.md).
-The default job as whole processes, with OpenVINO as the anchor (its own venv): bench/amx_goals.py --openvino PYTHON.
+--openvino PYTHON adds OpenVINO (optimum-intel's OVStableDiffusionPipeline on the folder exported once, reshaped to the
+static size and compiled; it picks bf16 on an AMX CPU by itself), run by a Python of its own venv, timed by the same
+wrappers; the default job as whole processes, with the same anchor: bench/amx_goals.py --openvino PYTHON.
 """
 
 from __future__ import annotations
@@ -175,7 +177,15 @@ def child(impl: str, variant: str, args: argparse.Namespace) -> None:
     else:
         from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline
 
-        pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None)
+        if impl == "openvino":  # optimum-intel's pipeline on the exported folder, static shapes, compiled once
+            from optimum.intel import OVStableDiffusionPipeline
+
+            pipe = OVStableDiffusionPipeline.from_pretrained(args.openvino_model, compile=False)
+            pipe.reshape(batch_size=1, height=args.size, width=args.size, num_images_per_prompt=1)
+            pipe.compile()
+            precision = pipe.unet.request.get_property("INFERENCE_PRECISION_HINT")  # what it chose for this CPU
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, safety_checker=None)
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         if args.vae_tiling:
@@ -195,6 +205,8 @@ def child(impl: str, variant: str, args: argparse.Namespace) -> None:
             ).images
 
         def bare(x, t, ctx):
+            if impl == "openvino":
+                return unet(sample=x, timestep=t.reshape(1), encoder_hidden_states=ctx)
             return unet(x, t, encoder_hidden_states=ctx).sample
 
     t_loaded = time.perf_counter()
@@ -229,7 +241,9 @@ def child(impl: str, variant: str, args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(1)
     latent = args.size // 8
     x = torch.randn(2, 4, latent, latent, generator=gen).to(dtype)
-    ctx = torch.randn(2, 77, text_encoder.config.hidden_size, generator=gen).to(dtype)
+    width = getattr(getattr(text_encoder, "config", None), "hidden_size", 768)
+    ctx = torch.randn(2, 77, width, generator=gen).to(dtype if impl != "openvino" else torch.float32)
+    x = x if impl != "openvino" else x.float()
     bare_times = []
     with torch.inference_mode():
         for _ in range(0 if args.quick else 3):
@@ -244,7 +258,7 @@ def child(impl: str, variant: str, args: argparse.Namespace) -> None:
     result = dict(
         impl=impl,
         variant=variant,
-        dtype=str(dtype).removeprefix("torch."),
+        dtype=str(dtype).removeprefix("torch.") if impl != "openvino" else f"OpenVINO {precision}",
         threads=torch.get_num_threads(),
         malloc_env={k: os.environ[k] for k in MALLOC_ENV if k in os.environ},
         import_s=t_imported - t_start,
@@ -289,7 +303,7 @@ def run_child(impl: str, variant: str, malloc_env: bool, args: argparse.Namespac
     if malloc_env:
         env.update(MALLOC_ENV)
     cmd = [
-        sys.executable,
+        args.openvino if impl == "openvino" else sys.executable,
         __file__,
         "--child",
         impl,
@@ -311,6 +325,7 @@ def run_child(impl: str, variant: str, malloc_env: bool, args: argparse.Namespac
         str(args.images_dir),
         *(["--quick"] if args.quick else []),
         *(["--vae-tiling"] if args.vae_tiling else []),
+        *(["--openvino-model", str(args.openvino_model)] if impl == "openvino" else []),
     ]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.child_timeout)
@@ -437,7 +452,17 @@ def main() -> None:
         type=Path,
         help="print the tables of a stopped run from its pipeline-*.partial.jsonl (runs nothing)",
     )
-    parser.add_argument("--child", choices=["ours", "diffusers", "build"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--openvino",
+        metavar="PYTHON",
+        help="also OpenVINO (optimum-intel's pipeline, bf16 by itself on an AMX CPU), run by this Python: one of a "
+        "venv of its own with optimum-intel[openvino], never this project's (bench/README.md)",
+    )
+    parser.add_argument(
+        "--openvino-model", type=Path, help="the folder exported for OpenVINO (default: --model's + '-openvino', made "
+        "once with --openvino's Python)",
+    )  # fmt: skip
+    parser.add_argument("--child", choices=["ours", "diffusers", "openvino", "build"], help=argparse.SUPPRESS)
     parser.add_argument("--variant", default="base", help=argparse.SUPPRESS)
     parser.add_argument("--images-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -451,6 +476,13 @@ def main() -> None:
         return
     if args.child:
         return child(args.child, args.variant, args)
+    if args.openvino:
+        args.openvino_model = args.openvino_model or args.model.with_name(args.model.name + "-openvino")
+        if not (args.openvino_model / "model_index.json").is_file():
+            print(f"exporting {args.model} for OpenVINO to {args.openvino_model} ...", flush=True)
+            export = "from optimum.intel import OVStableDiffusionPipeline as P; import sys; "
+            export += "P.from_pretrained(sys.argv[1], export=True, compile=False).save_pretrained(sys.argv[2])"
+            subprocess.run([args.openvino, "-c", export, str(args.model), str(args.openvino_model)], check=True)
 
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     if bad := [v for v in variants if v != "base" and not set(v.split("+")) <= set(SWITCHES)]:
@@ -472,6 +504,8 @@ def main() -> None:
         for impl in impls:
             for variant in variants if impl == "ours" else diffusers_variants:
                 configs.append((impl, variant, env))
+    if args.openvino:
+        configs.append(("openvino", "base", False))
 
     cpu = cpu_info()
     print(
