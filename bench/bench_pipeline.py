@@ -8,6 +8,9 @@ same settings (full-size SD 1.5 random weights, 256x256, Euler, 4 steps, CFG 7.5
     uv run python bench/bench_pipeline.py --size 512 --steps 3 \
         --variants base,mallopt,mallopt+bf16,mallopt+bf16+channels_last --diffusers-variants base,bf16
         # one run: ours fp32 / bf16 / bf16+channels_last against Diffusers fp32 and bf16 (torch_dtype=bfloat16)
+    uv run python bench/bench_pipeline.py --size 512 --steps 3 --variants mallopt+auto,mallopt \
+        --diffusers-variants base,bf16 --openvino /tmp/ov/bin/python
+        # issue 28's rows: ours auto (the CLI's default) and fp32, Diffusers fp32 and bf16, OpenVINO (its own venv)
 
 Every run is a fresh interpreter (subprocess), so load time and peak memory are its own. Peak memory is VmHWM from
 /proc/self/status (exec resets it); ru_maxrss is recorded too but Linux carries the parent's over fork+exec, which
@@ -58,7 +61,8 @@ MALLOC_ENV = {  # glibc tunables: keep freed activation buffers in the heap inst
     "MALLOC_TRIM_THRESHOLD_": "68719476736",
     "MALLOC_TOP_PAD_": "1073741824",
 }
-SWITCHES = ("mallopt", "channels_last", "channels_last_all", "bf16")  # combine with "+", e.g. mallopt+channels_last
+SWITCHES = ("mallopt", "channels_last", "channels_last_all", "bf16", "auto")  # joined by "+": mallopt+channels_last
+# auto: load_pipeline's dtype=None (what the CLI's default --dtype auto runs: bf16 on an AMX CPU, else fp32)
 DIFFUSERS_SWITCHES = ("mallopt", "bf16")  # Diffusers' own dtype switch (torch_dtype) and the same allocator tuning
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
 
@@ -153,8 +157,8 @@ def child(impl: str, variant: str, args: argparse.Namespace) -> None:
         sys.path.insert(0, str(ROOT))
         import min_pipeline
 
-        pipe = min_pipeline.load_pipeline(folder, "cpu", dtype)
-        unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
+        pipe = min_pipeline.load_pipeline(folder, "cpu", None if "auto" in parts else dtype)
+        unet, vae, text_encoder, dtype = pipe.unet, pipe.vae, pipe.text_encoder, pipe.dtype
 
         def run(steps: int):
             return min_pipeline.generate(
