@@ -322,6 +322,8 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
         for control in controls.controls if controls else ():
             release_pages(control.net)
     images = torch.cat([decode(pipe, x[i : i + 1], tiled) for i in range(n)])
+    if dev.type == "cpu":
+        trim_heap()  # the decode's too: its buffers, from the heap (tune_malloc), would fragment the next run's
     return to_output(inpaint.paste_back(images) if inpaint else images, output_type)
 
 

@@ -177,8 +177,12 @@ def check_cost(pipe, batch: int, size: tuple[int, int], calls: int, tiled: bool)
 def tune_malloc() -> None:
     """Keep glibc from handing freed activation buffers back to the kernel between UNet calls (each step would
     otherwise page-fault its ~1 GB of activations back in): -20% per CPU step measured in bench/README.md, +0.1 GB
-    peak RSS. glibc's mallopt(param, value) with M_MMAP_THRESHOLD -3, M_TRIM_THRESHOLD -1, M_TOP_PAD -2 (malloc.h);
-    the same as MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=... in the environment. A no-op elsewhere."""
+    peak RSS. Blocks over 32 MiB come from the heap too (M_MMAP_MAX 0): the VAE decoder's 67-134 MB activations were
+    fresh mmaps, 500k page faults per 512x512 decode; now 1.8 -> 1.3 s per bf16 decode. generate() trims the heap
+    after the decode (trim_heap), without which repeated runs in one process fragment it (fp32 peak 4.4 -> 5.5 GB by
+    the third image; with the trim 4.6, bf16 2.7: bench/README.md). glibc's mallopt(param, value) with
+    M_MMAP_THRESHOLD -3, M_TRIM_THRESHOLD -1, M_TOP_PAD -2, M_MMAP_MAX -4 (malloc.h); the same as
+    MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=... in the environment. A no-op elsewhere."""
     if not sys.platform.startswith("linux"):
         return
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)  # absent with musl
