@@ -316,11 +316,11 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
         return x
 
     # 4. Latent -> pixels, one image at a time: the VAE's activations at full size are the largest of the run.
-    if dev.type == "cpu":  # the UNet's freed activations back to the OS and its weights out of RSS before the decode
-        trim_heap()
+    if dev.type == "cpu":  # the UNet's weights out of RSS, its freed activations and packed weights back to the OS
         release_pages(pipe.unet)
         for control in controls.controls if controls else ():
             release_pages(control.net)
+        trim_heap()
     images = torch.cat([decode(pipe, x[i : i + 1], tiled) for i in range(n)])
     if dev.type == "cpu":
         trim_heap()  # the decode's too: its buffers, from the heap (tune_malloc), would fragment the next run's

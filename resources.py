@@ -202,13 +202,12 @@ def release_pages(module: nn.Module) -> None:
     encoder before the loop, the UNet before the VAE decode): the peak RSS of a run is then the UNet's weights and
     activations, not all the weights plus the decode (bench/README.md). bf16 runs map a converted copy of the files
     (models.loading.read_weights) so that this works for them too. LoRA-merged or GPU tensors are never touched.
-    Weights packed for oneDNN (prepack_for_onednn) are dropped; the next call packs them again."""
+    Weights packed for oneDNN (prepack_for_onednn) are dropped, their memory back to the heap (the caller's trim_heap
+    hands it to the system); the next call packs them again."""
     release_tensors([*module.parameters(), *module.buffers()])
-    packs = [m.forward for m in module.modules() if isinstance(m.__dict__.get("forward"), Packed)]
-    for pack in packs:
-        pack.drop()
-    if packs:
-        trim_heap()  # their memory back to the system
+    for m in module.modules():
+        if isinstance(m.__dict__.get("forward"), Packed):
+            m.forward.drop()
 
 
 # ----------------------------------------------------------------------------- oneDNN kernels (CPU, bfloat16)
@@ -294,11 +293,6 @@ class PackedConv(Packed):
         return torch.ops.mkldnn._convolution_pointwise(x, packed, c.bias, *self.args, "none", [], "")
 
 
-def pack_linear_weight(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A (out, in) weight in oneDNN's layout for a matmul with `x`'s rows (all but its last dimension)."""
-    return torch.ops.mkldnn._reorder_linear_weight(w, x.numel() // x.shape[-1])
-
-
 class PackedLinear(Packed):
     """`linear`'s forward with a prepacked weight and the bias added in the matmul."""
 
@@ -309,7 +303,8 @@ class PackedLinear(Packed):
         w, b = self.linear.weight, self.linear.bias
         if not onednn_applies(x, w):
             return F.linear(x, w, b)
-        packed = self.get(w, (w.data_ptr(), tuple(w.shape), x.shape[:-1].numel()), lambda: pack_linear_weight(w, x))
+        rows, reorder = x.shape[:-1].numel(), torch.ops.mkldnn._reorder_linear_weight  # packed for x's row count
+        packed = self.get(w, (w.data_ptr(), tuple(w.shape), rows), lambda: reorder(w, rows))
         return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
 
 
@@ -324,8 +319,9 @@ class PackedGEGLU(Packed):
         w, b = self.geglu.proj.weight, self.geglu.proj.bias
         if not onednn_applies(x, w):
             return type(self.geglu).forward(self.geglu, x)
-        n = w.shape[0] // 2
-        key = (w.data_ptr(), tuple(w.shape), x.shape[:-1].numel())
-        value, gate = self.get(w, key, lambda: (pack_linear_weight(w[:n], x), pack_linear_weight(w[n:], x)))
+        n, rows, reorder = w.shape[0] // 2, x.shape[:-1].numel(), torch.ops.mkldnn._reorder_linear_weight
+        value, gate = self.get(
+            w, (w.data_ptr(), tuple(w.shape), rows), lambda: (reorder(w[:n], rows), reorder(w[n:], rows))
+        )
         gelu_gate = torch.ops.mkldnn._linear_pointwise(x, gate, b[n:], "gelu", [], "none")
         return torch.ops.mkldnn._linear_pointwise.binary(x, gelu_gate, value, b[:n], "mul")
