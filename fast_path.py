@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 import scheduler as sampling
-from min_pipeline import Pipeline, classifier_free_guidance, sample
+from min_pipeline import Pipeline, classifier_free_guidance
 
 SCHEDULE_TENSORS = ("timesteps", "sigmas", "alpha_bar", "alpha_bar_prev")
 
@@ -59,9 +59,6 @@ class GraphLoop:
 
     def __call__(self, pipe: Pipeline, schedule: sampling.Schedule, x: torch.Tensor, context: torch.Tensor,
                  guidance: float | None, eta: float, generator: torch.Generator, progress: bool):  # fmt: skip
-        if sampling.SAMPLERS[schedule.sampler].eager_only:  # no graph_step: the eager loop, as generate() runs it
-            last_step = schedule.step_of(len(schedule.timesteps) - 1)
-            return sample(pipe, schedule, x, [(last_step, context)], guidance, generator, eta, progress=progress)
         draws = sampling.draws_noise(schedule, eta)
         zeros = torch.zeros(x.shape, dtype=pipe.dtype)
         noise = [sampling.draw_noise(x.shape, pipe.dtype, "cpu", generator) if d else zeros for d in draws]

@@ -298,8 +298,9 @@ def generate(pipe: Pipeline, prompt: str | list[str], negative_prompt: str | lis
         inpaint = inpaint.at_latents(x, known, noise, None, cfg=guidance is not None)
 
     # 3. The sampling loop (the fast path's captured loop where speed_up() installed one and no feature joins it:
-    # prompt editing, inpainting, ControlNets and callbacks take the eager loop).
-    if pipe.fast_loop is not None and len(contexts) == 1 and not inpaint and callback is None and not controls:
+    # prompt editing, inpainting, ControlNets, callbacks and the samplers with histories take the eager loop).
+    fast = pipe.fast_loop is not None and not sampling.SAMPLERS[schedule.sampler].eager_only
+    if fast and len(contexts) == 1 and not inpaint and callback is None and not controls:
         x = pipe.fast_loop(pipe, schedule, x, contexts[0][1], guidance, s.eta, generator, progress)
     else:
         x = sample(pipe, schedule, x, contexts, guidance, generator, s.eta, inpaint, callback, progress, controls)

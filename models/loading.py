@@ -445,7 +445,8 @@ def _vae_file(path: Path, dtype, device, config: VAEConfig) -> AutoencoderKL | T
             raise WeightsError(f"{path} is a TAESD encoder; give its decoder (taesd_decoder.safetensors)")
         parts = {path: part} | ({other: partner} if found else {})
         try:
-            state = {k: v for p, q in parts.items() for k, v in original_keys(load_safetensors(p), q).items()}
+            files = {p: state if p == path else load_safetensors(p) for p in parts}  # the given one read once
+            state = {k: v for p, q in parts.items() for k, v in original_keys(files[p], q).items()}
         except ValueError as e:
             raise WeightsError(f"{path}: {e}") from None
         module = TinyAutoencoder if len(parts) == 2 else TinyDecoder

@@ -108,7 +108,7 @@ def test_sampler_records_agree_with_diffusers(sampler):
     assert record.unet_calls == ref.order and record.spacing == ref.config.timestep_spacing
     x = torch.ones(1, 4, 2, 2)  # Diffusers scales the input for the samplers that move x_0 + σ ε
     assert (record.variable == S.EDM_X) == (not torch.equal(ref.scale_model_input(x, ref.timesteps[0]), x))
-    assert record.eager_only and record.graph is None  # GraphLoop hands them to the eager loop
+    assert record.eager_only and record.graph is None  # generate() hands them to the eager loop
 
 
 def test_lms_weights_equal_scipy_quad_of_the_lagrange_basis():
@@ -284,7 +284,8 @@ def test_callback_gets_every_call_with_its_x0(tiny, sampler):
 
 @pytest.mark.parametrize("sampler", ["pndm", "dpm2_a"])
 def test_fast_path_hands_eager_only_samplers_to_the_eager_loop(tiny, sampler):
-    """Sampler.eager_only: no graph_step (it says so), and GraphLoop runs the eager loop for them, same image."""
+    """Sampler.eager_only: no graph_step (it says so), and generate() runs the eager loop for them even with the
+    fast path installed: the same image."""
     ours, _ = tiny
     assert S.SAMPLERS[sampler].eager_only
     s = S.make_schedule(sampler, 3, S.SchedulerConfig())
