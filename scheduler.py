@@ -300,11 +300,17 @@ def euler_step(x: Tensor, eps: Tensor, sigma: Tensor, sigma_next: Tensor) -> Ten
     return x + d * (sigma_next - sigma)  # line 5
 
 
+def ancestral_sigmas(sigma: Tensor, sigma_next: Tensor) -> tuple[Tensor, Tensor]:
+    """σ_i+1 split into (σ_up, σ_down) for an ancestral step: σ_up² is DDPM's posterior variance (DDIM Eq. 7 and 16
+    with η = 1) in the variable x_0 + σ ε, and σ_down² + σ_up² = σ_next²."""
+    sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
+    return sigma_up, (sigma_next**2 - sigma_up**2) ** 0.5
+
+
 def euler_ancestral_step(x: Tensor, eps: Tensor, sigma: Tensor, sigma_next: Tensor, noise: Tensor) -> Tensor:
     """DDIM Eq. 12 with η = 1 (Eq. 16) in the variable x_0 + σ ε: an Euler step down to σ_down, then fresh noise
-    σ_up ε. σ_up² is DDPM's posterior variance (Eq. 7) in this variable, and σ_down² + σ_up² = σ_next²."""
-    sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
-    sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+    σ_up ε (ancestral_sigmas)."""
+    sigma_up, sigma_down = ancestral_sigmas(sigma, sigma_next)
     d = (x - denoise(x, eps, sigma)) / sigma
     return x + d * (sigma_down - sigma) + noise * sigma_up
 
@@ -584,8 +590,7 @@ def dpm2_calls(s: Schedule, steps: int, config: SchedulerConfig, schedule: str, 
     timesteps = s.timesteps.round() if schedule == "karras" else s.timesteps
     sigma, sigma_next = s.sigmas[:-1], s.sigmas[1:]
     if ancestral:  # the midpoint towards σ_down (euler_ancestral_step's), in float32 like Diffusers
-        sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
-        mid = sigma.log().lerp(((sigma_next**2 - sigma_up**2) ** 0.5).log(), 0.5).exp()[:-1]
+        mid = sigma.log().lerp(ancestral_sigmas(sigma, sigma_next)[1].log(), 0.5).exp()[:-1]
     else:
         mid = sigma_next.log().lerp(sigma.log(), 0.5).exp()[:-1]
     t_mid = sigma_to_t(mid, train_sigmas).to(timesteps.dtype)
@@ -596,8 +601,7 @@ def dpm2_calls(s: Schedule, steps: int, config: SchedulerConfig, schedule: str, 
 
 def dpm2_midpoint(x: Tensor, eps: Tensor, sigma: Tensor, sigma_mid: Tensor) -> tuple[Tensor, SamplerState]:
     """Even calls of DPM2: an Euler step to the midpoint (EDM Alg. 1 lines 4-5 with σ_i+1 -> σ_mid)."""
-    d = (x - denoise(x, eps, sigma)) / sigma
-    return x + d * (sigma_mid - sigma), SamplerState(x=x)
+    return euler_step(x, eps, sigma, sigma_mid), SamplerState(x=x)
 
 
 def dpm2(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | None, noise: Noise, eta: float) -> Out:
@@ -615,8 +619,7 @@ def dpm2_a(s: Schedule, i: int, x: Tensor, eps: Tensor, state: SamplerState | No
     if i % 2 == 0:
         return dpm2_midpoint(x, eps, s.sigmas[i], s.sigmas[i + 1])
     sigma, sigma_next = s.sigmas[i - 1], s.sigmas[i + 1]
-    sigma_up = (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5
-    sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
+    sigma_up, sigma_down = ancestral_sigmas(sigma, sigma_next)
     d_mid = (x - denoise(x, eps, s.sigmas[i])) / s.sigmas[i]
     return state.x + d_mid * (sigma_down - sigma) + noise * sigma_up, None
 
