@@ -54,11 +54,12 @@ def per_net(name: str, value: object, count: int) -> list[float]:
 
 @dataclass(frozen=True)
 class Control:
-    """One ControlNet in a run: its control image at the batch size (twice it under CFG unless in guess mode), its
-    weight, and the part of the run it acts in, as fractions of the UNet calls."""
+    """One ControlNet in a run: its control image at the batch size (twice it under CFG unless in guess mode), through
+    the net's hint encoder once for the whole run, its weight, and the part of the run it acts in, as fractions of the
+    UNet calls."""
 
     net: ControlNet
-    hint: Tensor
+    embedded_hint: Tensor
     scale: float
     start: float
     end: float
@@ -107,7 +108,7 @@ class Controls:
         for net, image, *span in zip(nets, images, scales, starts, ends, strict=True):
             hint = control_image_to_tensor(image, size[1], size[0]).repeat_interleave(n, dim=0)
             hint = torch.cat([hint, hint]) if cfg and not guess_mode else hint  # the CFG batch's two halves
-            controls.append(Control(net, hint.to(pipe.device, pipe.dtype), *span))
+            controls.append(Control(net, net.controlnet_cond_embedding(hint.to(pipe.device, pipe.dtype)), *span))
         return cls(tuple(controls), guess_mode, cfg)
 
     def residuals(self, i: int, calls: int, x_in: Tensor, t: Tensor,
@@ -122,7 +123,7 @@ class Controls:
         for c in self.controls:
             if i / calls < c.start or (i + 1) / calls > c.end:
                 continue
-            d, m = c.net(x, t, context, c.hint, c.scale, self.guess_mode)
+            d, m = c.net.steer(x, t, context, c.embedded_hint, c.scale, self.guess_mode)
             down, mid = (d, m) if down is None else ([a + b for a, b in zip(down, d, strict=True)], mid + m)
         if down is not None and half:
             down, mid = [torch.cat([torch.zeros_like(r), r]) for r in down], torch.cat([torch.zeros_like(mid), mid])

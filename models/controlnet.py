@@ -27,8 +27,6 @@ from torch import Tensor, nn
 from models.configs import MAX_WIDTH, check, integer, widths
 from models.unet import UNetConfig, UNetEncoder
 
-GUESS_MODE_SCALES = (0.1, 1.0)  # guess mode: residual k of K weighted 10^(-1 + k/(K-1)), 0.1 at conv_in, 1 at the mid
-
 
 @dataclass(frozen=True)
 class ControlNetConfig(UNetConfig):
@@ -95,13 +93,19 @@ class ControlNet(UNetEncoder):
         `scale`. `hint`: the control image, (B, 3, H * hint_factor, W * hint_factor) in [0, 1]. Guess mode (as
         Diffusers' ControlNetModel) weights the residuals from 0.1 (conv_in's skip) to 1 (the mid block)
         geometrically, so the deep, semantic residuals dominate."""
+        return self.steer(latents, timestep, context, self.controlnet_cond_embedding(hint), scale, guess_mode)
+
+    def steer(self, latents: Tensor, timestep: Tensor | float, context: Tensor, embedded_hint: Tensor,
+              scale: float = 1.0, guess_mode: bool = False) -> tuple[list[Tensor], Tensor]:  # fmt: skip
+        """forward() with the control image already through the hint encoder (controlnet_cond_embedding): it does
+        not change during a run, so the sampling loop encodes it once (controls.Controls.read)."""
         temb = self.embed_time(timestep, latents)
-        x = self.conv_in(latents) + self.controlnet_cond_embedding(hint)  # x + Z(c; Θz1), (B, C0, H, W)
+        x = self.conv_in(latents) + embedded_hint  # x + Z(c; Θz1), (B, C0, H, W)
         x, skips = self.encode(x, temb, context)
         down = [zero_conv(s) for zero_conv, s in zip(self.controlnet_down_blocks, skips, strict=True)]
         mid = self.controlnet_mid_block(x)
         if guess_mode and not self.config.global_pool_conditions:
-            scales = torch.logspace(-1, 0, len(down) + 1, device=x.device) * scale  # 0.1 ... 1 (GUESS_MODE_SCALES)
+            scales = torch.logspace(-1, 0, len(down) + 1, device=x.device) * scale  # 0.1 (conv_in) ... 1 (mid)
             down, mid = [r * s for r, s in zip(down, scales, strict=False)], mid * scales[-1]
         else:
             down, mid = [r * scale for r in down], mid * scale

@@ -281,11 +281,11 @@ def test_prompt_editing_gives_the_controlnet_each_steps_context(ours, monkeypatc
     at every call."""
     pipe, [net, _] = ours
     seen = []
-    unet_forward, net_forward = type(pipe.unet).forward, type(net).forward
+    unet_forward, net_steer = type(pipe.unet).forward, type(net).steer  # steer: the loop's ControlNet call
     monkeypatch.setattr(type(pipe.unet), "forward", lambda self, x, t, c, *r: seen.append(("unet", c)) or
                         unet_forward(self, x, t, c, *r))  # fmt: skip
-    monkeypatch.setattr(type(net), "forward", lambda self, x, t, c, *a: seen.append(("net", c)) or
-                        net_forward(self, x, t, c, *a))  # fmt: skip
+    monkeypatch.setattr(type(net), "steer", lambda self, x, t, c, *a: seen.append(("net", c)) or
+                        net_steer(self, x, t, c, *a))  # fmt: skip
     generate(pipe, "a [fox:house:2] in snow", controlnet=net, control_image=control_picture(24, 40), steps=4, **SIZE,
              output_type="latent", progress=False)  # fmt: skip
     pairs = list(zip(seen[::2], seen[1::2], strict=True))
