@@ -16,7 +16,7 @@ from PIL import Image
 
 from cli.png_info import model_name
 from images import canny, open_image
-from models.loading import REPO_ID
+from models.loading import hub_repo_id
 from settings import UserError
 
 PREPROCESSORS = ("none", "canny")  # others: bring a prepared control image (an edge, depth or pose map)
@@ -94,7 +94,7 @@ def check_units(args: argparse.Namespace) -> list[tuple[Unit, Image.Image]]:
     out = []
     for u in units:
         path = Path(u.model).expanduser()
-        if not path.exists() and (not REPO_ID.fullmatch(u.model) or path.parent.is_dir()):
+        if not path.exists() and not hub_repo_id(u.model):
             raise UserError(f"--controlnet {u.model} does not exist (a folder, a .safetensors file or a hub repo id)")
         if u.image is None:
             raise UserError(f"--controlnet {u.model} needs a --control-image after it")

@@ -32,7 +32,7 @@ from fast_path import speed_up
 from images import open_image
 from min_pipeline import DTYPES, Pipeline, generate, load_controlnet, load_pipeline
 from models.embeddings import load_embedding
-from models.loading import DEFAULT_MODEL, REPO_ID, WeightsError
+from models.loading import DEFAULT_MODEL, WeightsError, hub_repo_id
 from models.lora import apply_lora, remove_loras
 from resources import auto_dtype, pick_device, tune_malloc
 from settings import MAX_SEED, SD15_CLIP_LAYERS, SD15_VAE_FACTOR, NonFiniteError, Settings, UserError
@@ -282,7 +282,7 @@ def shared_inputs(args: argparse.Namespace) -> tuple[list[Path], Image.Image | N
             "--trajectory-decoder taesd needs --preview-vae (madebyollin/taesd, or taesd_decoder.safetensors)"
         )
     for flag, vae in (("--vae", args.vae), ("--preview-vae", args.preview_vae)):
-        if vae and not Path(vae).expanduser().exists() and not REPO_ID.fullmatch(vae):
+        if vae and not Path(vae).expanduser().exists() and not hub_repo_id(vae):
             raise UserError(f"{flag} {vae} does not exist (a VAE folder, a .safetensors file or a hub repo id)")
     init = open_image(args.init_image) if args.init_image else None
     if init is not None and min(init.size) < SD15_VAE_FACTOR:

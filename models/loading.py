@@ -289,6 +289,12 @@ def weights_file(folder: Path, component: str, half: bool) -> Path:
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # owner/name as the hub spells them: no ./, /, ~ or \\
 
 
+def hub_repo_id(name: str) -> bool:
+    """Whether a path that does not exist may be a hub repo id: owner/name as the hub spells them, and no local
+    folder named like the owner (`m/sd15-tny` beside a local m/ is a typo in a path, not a repo)."""
+    return bool(REPO_ID.fullmatch(name)) and not Path(name.split("/")[0]).is_dir()
+
+
 def resolve_model(model: str, half: bool = False) -> Path:
     """A local folder or file as it is, or a hub repo id downloaded (only what generation needs) into the HF cache.
 
@@ -306,7 +312,7 @@ def resolve_model(model: str, half: bool = False) -> Path:
         if not (full / "unet").is_dir() and (above / "unet" / "config.json").is_file():
             raise WeightsError(f"{model} is part of the model folder {above}, not a model; pass --model {above}")
         return path
-    if not REPO_ID.fullmatch(model) or Path(model.split("/")[0]).is_dir():  # `m/sd15-tny` with a local m/: a typo
+    if not hub_repo_id(model):
         raise WeightsError(f"model folder {model} does not exist; pass --model with a Diffusers-layout folder")
     if model != DEFAULT_MODEL:  # a typo in a local path would be sent to the hub: say so
         warnings.warn(f"{model} is not a local path; trying the hub", stacklevel=2)
@@ -469,7 +475,7 @@ def load_vae(vae: str | Path, dtype: torch.dtype | None = None, device: torch.de
     `config` (the model's VAE config; default SD 1.5's) or TAESD's."""
     path = Path(vae).expanduser()
     if not path.exists():
-        if not REPO_ID.fullmatch(str(vae)) or Path(str(vae).split("/")[0]).is_dir():
+        if not hub_repo_id(str(vae)):
             raise WeightsError(f"VAE {vae} does not exist; give a VAE folder, a .safetensors file or a hub repo id")
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -502,7 +508,7 @@ def load_controlnet(
     (`control_v11p_sd15_canny.safetensors`, LDM names): SD 1.5's ControlNet config, or the folder `config`'s."""
     path, half = Path(model).expanduser(), dtype == torch.float16
     if not path.exists():
-        if not REPO_ID.fullmatch(str(model)) or Path(str(model).split("/")[0]).is_dir():
+        if not hub_repo_id(str(model)):
             raise WeightsError(f"ControlNet {model} does not exist; pass a folder, a .safetensors file or a repo id")
         path = _download_controlnet(str(model), half)
     if path.is_dir():
