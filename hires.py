@@ -15,8 +15,6 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from images import image_to_tensor
-
 # A1111's `shared.latent_upscale_modes`: the latents themselves interpolated (F.interpolate, align_corners=False).
 LATENT_MODES = {  # ours: (torch mode, antialias)
     "latent": ("bilinear", False),
@@ -91,6 +89,9 @@ def upscale_images(pixels: Tensor, scale: float, factor: int, upscaler: str) -> 
     out = []
     for image in (pixels.numpy() * 255).round().astype(np.uint8):
         image = Image.fromarray(image)
-        image = resize_as_a1111(image, (int(image.width * scale), int(image.height * scale)), upscaler)
-        out.append(image_to_tensor(image, factor))  # Lanczos to whole latents where needed, as an init image
-    return torch.cat(out)
+        w, h = int(image.width * scale), int(image.height * scale)
+        image = resize_as_a1111(image, (w, h), upscaler)
+        if w % factor or h % factor:
+            image = image.resize((w // factor * factor, h // factor * factor), resample=Image.LANCZOS)
+        out.append(torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1))
+    return 2.0 * torch.stack(out) - 1.0
